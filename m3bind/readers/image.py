@@ -1,0 +1,181 @@
+"""Plain images (PNG, JPEG, TIFF, BMP, WebP, GIF) into the canonical image ``Sample``.
+
+Policies, chosen once here:
+  * only the first frame of animated GIFs and multi-page TIFFs is read;
+  * transparency (RGBA, LA, palette transparency) is composited on **black**, because medical images
+    have dark backgrounds and a white fill would read as tissue or exposure;
+  * integer images deeper than 8 bits are scaled by their *effective* bit depth (a 12-bit X-ray in a
+    16-bit PNG is divided by 4095, not 65535, so it does not come out nearly black);
+  * float images must be finite (NaN/inf raise ``CorruptFileError``); values outside [0, 1] are
+    min-max scaled;
+  * EXIF orientation is applied, and nothing from EXIF or other metadata chunks reaches ``meta``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from io import BytesIO
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..errors import CorruptFileError, InputTooLargeError
+from ..sample import Sample
+
+if TYPE_CHECKING:
+    from . import Limits
+
+PREVIEW_SIDE = 512
+_PIL_FORMATS = ("PNG", "JPEG", "MPO", "TIFF", "BMP", "DIB", "WEBP", "GIF")
+_FORMAT_NAMES = {"MPO": "jpeg", "DIB": "bmp"}
+
+
+def to_unit(array: np.ndarray, bits: int | None = None) -> np.ndarray:
+    """Scale integer or float pixel values to float32 in [0, 1].
+
+    Integers are divided by ``2**bits - 1`` (``bits`` defaults to the effective bit depth of the data,
+    at least 8); signed data with negative values and floats outside [0, 1] are min-max scaled.
+    """
+    a = np.asarray(array)
+    if a.dtype == np.bool_:
+        return a.astype(np.float32)
+    if np.issubdtype(a.dtype, np.integer) and (a.size == 0 or a.min() >= 0):
+        if bits is None:
+            bits = max(8, int(a.max()).bit_length() if a.size else 8)
+        return (a.astype(np.float32) / float(2**bits - 1)).clip(0.0, 1.0)
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise CorruptFileError("The image contains invalid pixel values (NaN or infinity).")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
+    if lo >= 0.0 and hi <= 1.0:
+        return a
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def image_sample(array: np.ndarray, modality: str, meta: dict[str, Any]) -> Sample:
+    """Build the canonical image ``Sample`` that every image reader returns.
+
+    ``array`` is (H, W), (H, W, 1) or (H, W, 3), either uint8 or float already in [0, 1]
+    (see ``to_unit``); grey is replicated to three channels and a preview (long side <= 512) is made.
+    """
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] != 3 or a.shape[0] == 0 or a.shape[1] == 0:
+        raise CorruptFileError(f"The image has an unusable pixel layout (shape {tuple(np.shape(array))}).")
+    data = np.ascontiguousarray(to_unit(a), dtype=np.float32)
+    return Sample(modality=modality, data=data, preview=_preview(data), meta=dict(meta))
+
+
+def _preview(data: np.ndarray) -> np.ndarray:
+    img = Image.fromarray((data * 255.0 + 0.5).astype(np.uint8), "RGB")
+    if max(img.size) > PREVIEW_SIDE:
+        img.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def guess_image_modality(rgb: np.ndarray) -> str:
+    """Guess the modality of an image that carries no tags: "xray", "retina" or "pathology".
+
+    Grey-looking images are taken for X-rays; colour images whose corners are mostly black (the dark
+    surround of a fundus photograph) for retina; any other colour image for pathology.
+    """
+    a = np.asarray(rgb)
+    a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+    if a.ndim == 2 or a.shape[-1] == 1:
+        return "xray"
+    step = max(1, max(a.shape[:2]) // 256)
+    a = a[::step, ::step, :3]
+    chroma = a.max(axis=2) - a.min(axis=2)
+    if float(np.percentile(chroma, 95)) < 0.08:
+        return "xray"
+    h, w = chroma.shape
+    ch, cw = max(1, h // 10), max(1, w // 10)
+    luma = a.mean(axis=2)
+    corners = [luma[:ch, :cw], luma[:ch, -cw:], luma[-ch:, :cw], luma[-ch:, -cw:]]
+    dark_corners = sum(float((c < 0.1).mean()) > 0.8 for c in corners)
+    centre = luma[h // 4: h - h // 4, w // 4: w - w // 4]
+    if dark_corners >= 3 and float(centre.mean()) > 0.15:
+        return "retina"
+    return "pathology"
+
+
+def read_image(data: bytes, limits: "Limits") -> Sample:
+    """Decode a plain image file; the pixel count is checked from the header before any decoding."""
+    img = _open_checked(data, limits)
+    fmt = _FORMAT_NAMES.get(img.format or "", (img.format or "image").lower())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)
+            array = _pil_to_array(img)
+    except Image.DecompressionBombError as exc:
+        raise InputTooLargeError(_too_large(img.size, limits)) from exc
+    except (CorruptFileError, InputTooLargeError):
+        raise
+    except Exception as exc:  # any decoder failure: truncated stream, bad zlib/huffman data, bad tiles
+        raise CorruptFileError(
+            f"The {fmt.upper()} file is damaged or truncated and could not be decoded.") from exc
+    meta = {
+        "format": fmt,
+        "width": img.size[0],
+        "height": img.size[1],
+        "mode": img.mode,
+        "bit_depth": _bit_depth(img.mode),
+        "channels": len(img.getbands()),
+        "modality_source": "guess",
+    }
+    return image_sample(array, guess_image_modality(array), meta)
+
+
+def _open_checked(data: bytes, limits: "Limits") -> Image.Image:
+    """Open lazily (header only) and refuse oversized images before a pixel is decoded.
+
+    PIL's own bomb check (a module-level setting) is left as it is; its error is translated, so the
+    effective ceiling is the smaller of ``limits.max_pixels`` and PIL's.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(BytesIO(data), formats=_PIL_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise InputTooLargeError("The image's dimensions exceed the pixel limit for an upload.") from exc
+    except Exception as exc:
+        raise CorruptFileError(
+            "The image file is damaged or uses an encoding that cannot be read (its header is invalid).") from exc
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise CorruptFileError(f"The image header declares an empty image ({w} x {h} pixels).")
+    if w * h > limits.max_pixels:
+        raise InputTooLargeError(_too_large(img.size, limits))
+    return img
+
+
+def _too_large(size: tuple[int, int], limits: "Limits") -> str:
+    return (f"The image is {size[0]} x {size[1]} pixels ({size[0] * size[1] / 1e6:.0f} megapixels); "
+            f"the limit is {limits.max_pixels / 1e6:.0f} megapixels.")
+
+
+def _pil_to_array(img: Image.Image) -> np.ndarray:
+    """Pixels as uint8 or float in [0, 1]: grey stays (H, W), colour becomes (H, W, 3) on black."""
+    mode = img.mode
+    if mode in ("L", "1") or mode.startswith("I") or mode == "F":
+        return to_unit(np.asarray(img))
+    if mode in ("LA", "La", "PA", "RGBA", "RGBa") or (mode == "P" and "transparency" in img.info):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+        return rgba[..., :3] * rgba[..., 3:4]
+    return np.asarray(img.convert("RGB"))
+
+
+def _bit_depth(mode: str) -> int:
+    if mode == "1":
+        return 1
+    if mode.startswith("I;16"):
+        return 16
+    if mode in ("I", "F"):
+        return 32
+    return 8
