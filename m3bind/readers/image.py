@@ -56,8 +56,8 @@ def to_unit(array: np.ndarray, bits: int | None = None) -> np.ndarray:
 def image_sample(array: np.ndarray, modality: str, meta: dict[str, Any]) -> Sample:
     """Build the canonical image ``Sample`` that every image reader returns.
 
-    ``array`` is (H, W), (H, W, 1) or (H, W, 3), either uint8 or float already in [0, 1]
-    (see ``to_unit``); grey is replicated to three channels and a preview (long side <= 512) is made.
+    ``array`` is (H, W), (H, W, 1) or (H, W, 3), integer or float, scaled to [0, 1] by ``to_unit``;
+    grey is replicated to three channels and a preview (long side <= 512) is made.
     """
     a = np.asarray(array)
     if a.ndim == 3 and a.shape[2] == 1:
@@ -84,11 +84,10 @@ def guess_image_modality(rgb: np.ndarray) -> str:
     surround of a fundus photograph) for retina; any other colour image for pathology.
     """
     a = np.asarray(rgb)
-    a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
     if a.ndim == 2 or a.shape[-1] == 1:
         return "xray"
     step = max(1, max(a.shape[:2]) // 256)
-    a = a[::step, ::step, :3]
+    a = to_unit(a[::step, ::step, :3])
     chroma = a.max(axis=2) - a.min(axis=2)
     if float(np.percentile(chroma, 95)) < 0.08:
         return "xray"

