@@ -133,14 +133,16 @@ class TextTower(nn.Module):
         return self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.max_length,
                               return_tensors="pt")
 
-    def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    def pool(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The encoder's sentence vector before the projection (what training caches while the body is frozen)."""
         hidden = self.model(**tokens).last_hidden_state
         if self.cfg.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.proj(pooled)
+            return hidden[:, 0]
+        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.proj(self.pool(tokens))
 
 
 def build_tower(cfg: ImageTowerConfig | EcgTowerConfig, dim: int) -> ImageTower | EcgTower:

@@ -38,11 +38,13 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 class M3BindModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, text: TextTower | None = None, towers: dict[str, nn.Module] | None = None):
+        """Build every tower from the config, or assemble already-trained ``text`` / ``towers`` under it."""
         super().__init__()
         self.config = config
-        self.text = TextTower(config.text, config.dim)
-        self.towers = nn.ModuleDict({name: build_tower(cfg, config.dim) for name, cfg in config.towers.items()})
+        self.text = text if text is not None else TextTower(config.text, config.dim)
+        self.towers = nn.ModuleDict(towers if towers is not None else
+                                    {name: build_tower(cfg, config.dim) for name, cfg in config.towers.items()})
         self._fingerprint: str | None = None
         self.eval()
 

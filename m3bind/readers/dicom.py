@@ -7,9 +7,10 @@ Policies, chosen once here:
     argument if given, else the file's first Window Center/Width (its VOI LUT Function honoured), else
     its VOI LUT Sequence, else a window over the 0.5-99.5 percentiles of the frame's values (padding
     excluded); MONOCHROME1 is inverted after windowing so that bone is always bright;
-  * colour images (RGB, YBR_*, PALETTE COLOR) are converted to RGB; compressed transfer syntaxes are
-    decoded by pydicom's decoders with the pylibjpeg plugins (JPEG baseline/extended/lossless, JPEG-LS,
-    JPEG 2000, HTJ2K) and its own RLE decoder;
+  * colour images become RGB: YBR_* (including JPEG 2000's YBR_RCT/ICT) are converted by pydicom's
+    decoders themselves, PALETTE COLOR through its colour LUT; compressed transfer syntaxes are decoded by
+    pydicom's decoders with the pylibjpeg plugins (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000,
+    HTJ2K), Pillow where it can, and pydicom's own RLE decoder;
   * sizes are checked from the header before any pixel is decoded;
   * ``meta`` is built from a whitelist of technical attributes; nothing else in the header is read,
     so no patient, institution or study identifier can reach it (or pydicom's warnings);
@@ -22,22 +23,21 @@ from __future__ import annotations
 import re
 import warnings
 from io import BytesIO
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, convert_color_space, get_decoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..errors import CorruptFileError, InputError, InputTooLargeError, UnsupportedFormatError
 from ..modalities import modality_for_dicom_code
 from ..sample import Sample
+from . import Limits
 from .image import guess_image_modality, image_sample, to_unit
-
-if TYPE_CHECKING:
-    from . import Limits
 
 _NOT_IMAGES = {
     "SEG": "a segmentation object (SEG)",
@@ -64,7 +64,7 @@ _TO_MILLIVOLT = {"uV": 1e-3, "mV": 1.0, "V": 1e3, "nV": 1e-6}
 _CODE_STRING = re.compile(r"^[A-Z0-9 _]{1,16}$")  # the DICOM CS alphabet: anything else is not a code
 
 
-def read_dicom(data: bytes, limits: "Limits", window: tuple[float, float] | None = None) -> Sample:
+def read_dicom(data: bytes, limits: Limits, window: tuple[float, float] | None = None) -> Sample:
     """Read a DICOM image (one frame) or ECG waveform; ``window`` = (centre, width) overrides the VOI."""
     user_window = _user_window(window) if window is not None else None
     ds = _parse(data)
@@ -77,7 +77,7 @@ def read_dicom(data: bytes, limits: "Limits", window: tuple[float, float] | None
             "The DICOM data is damaged or inconsistent with its header and could not be decoded.") from exc
 
 
-def _route(ds: Dataset, limits: "Limits", window: tuple[float, float] | None) -> Sample:
+def _route(ds: Dataset, limits: Limits, window: tuple[float, float] | None) -> Sample:
     """Images to the image path, waveforms to the ECG reader, everything else refused by name."""
     sop_class = str(ds.get("SOPClassUID", "") or "")
     code = _code(ds, "Modality") or ""
@@ -88,7 +88,10 @@ def _route(ds: Dataset, limits: "Limits", window: tuple[float, float] | None) ->
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         if "WaveformSequence" in ds or sop_class in _ECG_SOP_CLASSES:
             return _read_waveform(ds, limits)
-        kind = _uid_name(sop_class)
+        kind = _uid_name(sop_class) or ""
+        if "Image Storage" in kind:
+            raise CorruptFileError(f"This DICOM file is a '{kind}' object but its pixel data is missing; "
+                                   "the file is incomplete or was exported without the image.")
         what = f"a '{kind}' object" if kind else "a DICOM object"
         raise UnsupportedFormatError(f"This DICOM file is {what} with no image or waveform data in it.")
     return _read_image(ds, limits, window)
@@ -97,16 +100,22 @@ def _route(ds: Dataset, limits: "Limits", window: tuple[float, float] | None) ->
 def _parse(data: bytes) -> Dataset:
     """Parse the whole header; a file without the 'DICM' preamble must prove it is DICOM."""
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    buffer = BytesIO(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warnings may quote header values
-            ds = pydicom.dcmread(BytesIO(data), force=not has_preamble)
+            ds = pydicom.dcmread(buffer, force=not has_preamble)
             first = next(iter(ds.keys()), None)
     except Exception as exc:
         raise CorruptFileError("The DICOM file is damaged or truncated: its header cannot be read.") from exc
     if not has_preamble and (first is None or first.group not in (0x0002, 0x0008) or not any(
             k in ds for k in ("SOPClassUID", "PixelData", "WaveformSequence"))):
         raise UnsupportedFormatError("This file is not a DICOM file (it has no DICOM header).")
+    # pydicom stops quietly at a premature end of file: parsing then ends early, or the last value is short
+    if buffer.tell() < len(data) or any(
+            isinstance(elem, RawDataElement) and elem.value is not None and elem.length != 0xFFFFFFFF
+            and len(elem.value) < elem.length for elem in ds.elements()):
+        raise CorruptFileError("The DICOM file is truncated: it ends before the data its header announces.")
     if "TransferSyntaxUID" not in ds.file_meta:
         implicit, little = ds.original_encoding
         ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
@@ -114,7 +123,7 @@ def _parse(data: bytes) -> Dataset:
     return ds
 
 
-def _read_image(ds: Dataset, limits: "Limits", window: tuple[float, float] | None) -> Sample:
+def _read_image(ds: Dataset, limits: Limits, window: tuple[float, float] | None) -> Sample:
     frames, photometric = _check_pixel_module(ds, limits)
     tsyntax = UID(ds.file_meta.TransferSyntaxUID)
     try:
@@ -129,21 +138,20 @@ def _read_image(ds: Dataset, limits: "Limits", window: tuple[float, float] | Non
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         arr, props = decoder.as_array(ds, index=frame)
-    decoded_as = str(props.get("photometric_interpretation", photometric))
+    decoded_as = str(props.get("photometric_interpretation", photometric))  # YBR_* arrive as RGB
+    ds = _frame_attributes(ds, frame)
     meta = _technical_meta(ds, tsyntax)
     meta.update(frames=frames, frame_used=frame)
 
     if decoded_as in ("MONOCHROME1", "MONOCHROME2"):
         if arr.ndim != 2:
             raise CorruptFileError("The DICOM header says the image is grey but its pixels have colour samples.")
-        rgb, voi_meta = _grey(arr, _frame_attributes(ds, frame), window, decoded_as == "MONOCHROME1")
+        rgb, voi_meta = _grey(arr, ds, window, decoded_as == "MONOCHROME1")
         meta.update(voi_meta)
         if meta.get("modality_code") == "CT":
             meta["hu_range"] = meta["value_range"]
     elif decoded_as == "PALETTE COLOR":
         rgb = to_unit(apply_color_lut(arr, ds))
-    elif decoded_as in ("YBR_FULL", "YBR_FULL_422"):
-        rgb = to_unit(convert_color_space(arr, decoded_as, "RGB"))
     elif decoded_as == "RGB":
         rgb = to_unit(arr, bits=int(ds.get("BitsStored") or ds.BitsAllocated))
     else:
@@ -157,7 +165,7 @@ def _read_image(ds: Dataset, limits: "Limits", window: tuple[float, float] | Non
     return image_sample(rgb, modality, meta)
 
 
-def _check_pixel_module(ds: Dataset, limits: "Limits") -> tuple[int, str]:
+def _check_pixel_module(ds: Dataset, limits: Limits) -> tuple[int, str]:
     """Validate the Image Pixel module and the limits from the header alone; return (frames, photometric)."""
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
@@ -314,7 +322,7 @@ def _numbers(ds: Dataset, keyword: str) -> list[float] | None:
     return numbers if numbers and all(np.isfinite(numbers)) else None
 
 
-def _read_waveform(ds: Dataset, limits: "Limits") -> Sample:
+def _read_waveform(ds: Dataset, limits: Limits) -> Sample:
     """The longest original multiplex group of an ECG waveform, in millivolts, handed to the ECG reader."""
     from . import ecg
 

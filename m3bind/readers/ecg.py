@@ -18,6 +18,11 @@ ECG means the same to the model whatever file it came in:
 * **Gaps.** Within the samples used, a lead that is all NaN is missing; scattered NaNs covering under
   5 % of a lead are linearly interpolated (``meta["interpolated_leads"]``), more masks the lead
   (``meta["gappy_leads"]``). Infinite values are refused.
+* **Units.** WFDB values are converted to mV from the header's units (channels in mmHg etc. are
+  dropped); CSV/NPY values are taken as mV unless a CSV column name says otherwise ("V1 (uV)").
+* **Sampling rate** of a CSV/NPY: given by the caller, else from a CSV time column; else only a
+  10-s length at a common rate is recognised (1000/1250/2500/5000/10000 samples = 100/125/250/500/
+  1000 Hz, ``meta["fs_source"]``); anything else is refused with a request for the rate.
 * **Privacy.** WFDB header comments (age, sex, diagnoses, dates) are never read into ``meta``.
 """
 
@@ -31,7 +36,7 @@ import shutil
 import tempfile
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from scipy.signal import resample_poly
@@ -39,6 +44,9 @@ from scipy.signal import resample_poly
 from ..errors import CorruptFileError, InputError, InputTooLargeError, UnsupportedFormatError, WrongModalityError
 from ..sample import Sample
 from . import Limits
+
+if TYPE_CHECKING:
+    import wfdb  # imported when a WFDB record is read: it is slow to import
 
 LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 CANONICAL_FS = 100
@@ -74,9 +82,7 @@ def _lead_key(name: str) -> str:
     """A channel name reduced to its lead designation ("Lead I (Einthoven)" -> "i")."""
     without_brackets = re.sub(r"[(\[{][^)\]}]*[)\]}]", " ", "" if name is None else str(name))
     key = "".join(t for t in _tokens(without_brackets) if t not in _NOISE_TOKENS and t not in _UNIT_SCALE)
-    for word in _NOISE_TOKENS:
-        key = key.removeprefix(word)
-    return key
+    return re.sub(r"^(?:ecg|ekg|leads?)+", "", key)  # "LeadII", "ECG_LeadV1"
 
 
 def _lead_index(name: str) -> int | None:
@@ -243,7 +249,7 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _frames_in_file(header, name: str, path: Path) -> int | None:
+def _frames_in_file(header: wfdb.Record, name: str, path: Path) -> int | None:
     """How many frames the signal file holds, or None for compressed formats."""
     channels = [i for i, f in enumerate(header.file_name) if f == name]
     per_sample = _WFDB_BYTES_PER_SAMPLE.get(str(header.fmt[channels[0]]))
@@ -254,20 +260,21 @@ def _frames_in_file(header, name: str, path: Path) -> int | None:
     return max(0, int((path.stat().st_size - offset) / (per_sample * frame)))
 
 
-def read_wfdb(header_path: Path, limits: Limits, files: Sequence[Path] | None = None) -> Sample:
-    """Read a WFDB record (.hea with .dat/.mat); only the first seconds are decoded, after size checks.
+def _check_length(sig_len: int, limits: Limits) -> None:
+    if sig_len > limits.max_ecg_samples:
+        raise InputTooLargeError(f"The record has {sig_len} samples per lead; at most "
+                                 f"{limits.max_ecg_samples} are accepted.")
 
-    ``header_path`` may be the signal file: the header is looked for beside it and among ``files``
-    (the uploaded files of the record, possibly each in its own directory).
+
+def _read_record_start(header_file: Path, uploads: Sequence[Path], limits: Limits) -> tuple[wfdb.Record, int]:
+    """Check the header against the limits and the files, then decode the first seconds with wfdb.
+
+    The header and signal files are linked into one private directory under the names the header
+    expects, so uploads spread over several directories (or renamed) still form one record.
+    Returns the wfdb record and the record's full length in samples.
     """
     import wfdb
 
-    uploads = [Path(f) for f in files or ()]
-    header_file = _find_header(Path(header_path), uploads)
-    if not header_file.is_file():
-        raise InputError(f"File not found: {header_file.name}")
-    if header_file.stat().st_size > _MAX_HEADER_BYTES:
-        raise CorruptFileError(f"{header_file.name} is too large to be a WFDB header.")
     with tempfile.TemporaryDirectory(prefix="m3bind-wfdb-") as tmp:
         record = Path(tmp) / (header_file.stem or "record")
         _link(header_file, record.with_suffix(".hea"))
@@ -276,51 +283,64 @@ def read_wfdb(header_path: Path, limits: Limits, files: Sequence[Path] | None = 
         except Exception as exc:
             raise CorruptFileError(f"{header_file.name} is not a readable WFDB header ({exc}).") from exc
         if isinstance(header, wfdb.MultiRecord):
-            raise UnsupportedFormatError("Multi-segment WFDB records are not supported; upload a single-segment record.")
-        n_sig = header.n_sig or 0
-        if n_sig == 0:
+            raise UnsupportedFormatError(
+                "Multi-segment WFDB records are not supported; upload a single-segment record.")
+        if not header.n_sig:
             raise CorruptFileError(f"The WFDB header {header_file.name} declares no signals.")
-        if n_sig > limits.max_ecg_leads:
-            raise InputTooLargeError(f"The record has {n_sig} channels; at most {limits.max_ecg_leads} are accepted.")
-        if header.sig_len is not None and header.sig_len > limits.max_ecg_samples:
-            raise InputTooLargeError(f"The record declares {header.sig_len} samples per lead; at most "
-                                     f"{limits.max_ecg_samples} are accepted.")
-        fs = _check_fs(header.fs)
+        if header.n_sig > limits.max_ecg_leads:
+            raise InputTooLargeError(
+                f"The record has {header.n_sig} channels; at most {limits.max_ecg_leads} are accepted.")
         sig_len = header.sig_len
+        if sig_len is not None:
+            _check_length(sig_len, limits)
         for name in dict.fromkeys(header.file_name):
             source = _find_signal_file(name, header_file, uploads)
             frames = _frames_in_file(header, name, source)
             if frames is not None and sig_len is not None and frames < sig_len:
                 raise CorruptFileError(f"The signal file {name} is truncated: the header declares {sig_len} "
                                        f"samples per lead but the file holds only {frames}.")
-            if sig_len is None:
-                sig_len = frames
+            sig_len = frames if sig_len is None else sig_len
             _link(source, Path(tmp) / name)
         if not sig_len:
             raise CorruptFileError(f"The WFDB record {header_file.stem} holds no samples.")
-        if sig_len > limits.max_ecg_samples:
-            raise InputTooLargeError(f"The record holds {sig_len} samples per lead; at most "
-                                     f"{limits.max_ecg_samples} are accepted.")
-        sampto = min(sig_len, int(math.ceil((CANONICAL_SECONDS + _MARGIN_S) * fs)))
+        _check_length(sig_len, limits)
+        sampto = min(sig_len, int(math.ceil((CANONICAL_SECONDS + _MARGIN_S) * _check_fs(header.fs))))
         try:
             rec = wfdb.rdrecord(str(record), sampto=sampto, physical=True, return_res=64)
         except Exception as exc:
             raise CorruptFileError(f"The WFDB record {header_file.stem} could not be read ({exc}).") from exc
     if rec.p_signal is None or rec.p_signal.shape[0] < sampto:
         raise CorruptFileError(f"The WFDB record {header_file.stem} holds fewer samples than its header declares.")
+    return rec, int(sig_len)
+
+
+def read_wfdb(header_path: Path, limits: Limits, files: Sequence[Path] | None = None) -> Sample:
+    """Read a WFDB record (.hea with .dat/.mat); only the first seconds are decoded, after size checks.
+
+    ``header_path`` may be the signal file: the header is looked for beside it and among ``files``
+    (the uploaded files of the record, possibly each in its own directory). Values are converted to
+    mV from the header's units; channels in other units (mmHg, ...) are dropped.
+    """
+    uploads = [Path(f) for f in files or ()]
+    header_file = _find_header(Path(header_path), uploads)
+    if not header_file.is_file():
+        raise InputError(f"File not found: {header_file.name}")
+    if header_file.stat().st_size > _MAX_HEADER_BYTES:
+        raise CorruptFileError(f"{header_file.name} is too large to be a WFDB header.")
+    rec, sig_len = _read_record_start(header_file, uploads, limits)
 
     keep, dropped = [], []
     for j, (name, unit) in enumerate(zip(rec.sig_name, rec.units)):
         scale = _WFDB_UNIT_SCALE.get(str(unit or "mV").strip().lower())
         if scale is None:
-            dropped.append(str(name))  # not a voltage (e.g. mmHg, respiration)
+            dropped.append(str(name))
         else:
             keep.append((j, name, scale))
     if not keep:
         raise WrongModalityError("The WFDB record holds no voltage channel, so it is not an ECG.")
     signal = np.stack([rec.p_signal[:, j] * scale for j, _, scale in keep], axis=1)
-    meta = {"format": "wfdb", "n_samples_original": int(sig_len), "dropped_leads": dropped}
-    return sample_from_signal(signal, fs, [name for _, name, _ in keep], meta, limits)
+    meta = {"format": "wfdb", "n_samples_original": sig_len, "dropped_leads": dropped}
+    return sample_from_signal(signal, rec.fs, [name for _, name, _ in keep], meta, limits)
 
 
 # ------------------------------------------------------------------------------------------ CSV / NPY
@@ -380,13 +400,13 @@ def _table_error(exc: ValueError, line_numbers: list[int]) -> CorruptFileError:
     text = str(exc)
     bad = re.search(r"could not convert string '(.*)' to \w+ at row (\d+), column (\d+)", text)
     if bad:
-        cell, row, col = bad.group(1), int(bad.group(2)), int(bad.group(3))
+        cell, row, col = bad.group(1), int(bad.group(2)), int(bad.group(3))  # numpy: row from 0, column from 1
         what = "an empty cell" if not cell.strip() else f"'{cell[:40]}'"
-        return CorruptFileError(f"The CSV file has {what} at line {line_numbers[row - 1]}, column {col}, "
+        return CorruptFileError(f"The CSV file has {what} at line {line_numbers[row]}, column {col}, "
                                 "where a number is expected.")
     ragged = re.search(r"from (\d+) to (\d+) at row (\d+)", text)
     if ragged:
-        before, after, row = ragged.groups()
+        before, after, row = ragged.groups()  # numpy: row from 1
         return CorruptFileError(f"The CSV file has {after} columns at line {line_numbers[int(row) - 1]} "
                                 f"where the lines before have {before}.")
     return CorruptFileError(f"The CSV file could not be read as a table of numbers ({text}).")

@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import warnings
 from io import BytesIO
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import CorruptFileError, InputTooLargeError
+from ..errors import CorruptFileError, InputError, InputTooLargeError, UnsupportedFormatError
 from ..sample import Sample
-
-if TYPE_CHECKING:
-    from . import Limits
+from . import Limits
 
 PREVIEW_SIDE = 512
-_PIL_FORMATS = ("PNG", "JPEG", "MPO", "TIFF", "BMP", "DIB", "WEBP", "GIF")
-_FORMAT_NAMES = {"MPO": "jpeg", "DIB": "bmp"}
+_PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF")  # PIL's JPEG opener also yields MPO files
+_FORMAT_NAMES = {"MPO": "jpeg"}
 
 
 def to_unit(array: np.ndarray, bits: int | None = None) -> np.ndarray:
@@ -102,36 +100,36 @@ def guess_image_modality(rgb: np.ndarray) -> str:
     return "pathology"
 
 
-def read_image(data: bytes, limits: "Limits") -> Sample:
+def read_image(data: bytes, limits: Limits) -> Sample:
     """Decode a plain image file; the pixel count is checked from the header before any decoding."""
-    img = _open_checked(data, limits)
-    fmt = _FORMAT_NAMES.get(img.format or "", (img.format or "image").lower())
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)
-            array = _pil_to_array(img)
-    except Image.DecompressionBombError as exc:
-        raise InputTooLargeError(_too_large(img.size, limits)) from exc
-    except (CorruptFileError, InputTooLargeError):
-        raise
-    except Exception as exc:  # any decoder failure: truncated stream, bad zlib/huffman data, bad tiles
-        raise CorruptFileError(
-            f"The {fmt.upper()} file is damaged or truncated and could not be decoded.") from exc
-    meta = {
-        "format": fmt,
-        "width": img.size[0],
-        "height": img.size[1],
-        "mode": img.mode,
-        "bit_depth": _bit_depth(img.mode),
-        "channels": len(img.getbands()),
-        "modality_source": "guess",
-    }
+    with _open_checked(data, limits) as img:
+        fmt = _FORMAT_NAMES.get(img.format or "", (img.format or "image").lower())
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img.load()
+                ImageOps.exif_transpose(img, in_place=True)
+                array = _pil_to_array(img)
+        except Image.DecompressionBombError as exc:
+            raise InputTooLargeError(_too_large(img.size, limits)) from exc
+        except InputError:
+            raise
+        except Exception as exc:  # any decoder failure: truncated stream, bad zlib/huffman data, bad tiles
+            raise CorruptFileError(
+                f"The {fmt.upper()} file is damaged or truncated and could not be decoded.") from exc
+        meta = {
+            "format": fmt,
+            "width": img.size[0],
+            "height": img.size[1],
+            "mode": img.mode,
+            "bit_depth": _bit_depth(img.mode),
+            "channels": len(img.getbands()),
+            "modality_source": "guess",
+        }
     return image_sample(array, guess_image_modality(array), meta)
 
 
-def _open_checked(data: bytes, limits: "Limits") -> Image.Image:
+def _open_checked(data: bytes, limits: Limits) -> Image.Image:
     """Open lazily (header only) and refuse oversized images before a pixel is decoded.
 
     PIL's own bomb check (a module-level setting) is left as it is; its error is translated, so the
@@ -142,7 +140,8 @@ def _open_checked(data: bytes, limits: "Limits") -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(BytesIO(data), formats=_PIL_FORMATS)
     except Image.DecompressionBombError as exc:
-        raise InputTooLargeError("The image's dimensions exceed the pixel limit for an upload.") from exc
+        raise InputTooLargeError("The image declares dimensions far beyond the pixel limit for an upload; "
+                                 "it was refused before decoding.") from exc
     except Exception as exc:
         raise CorruptFileError(
             "The image file is damaged or uses an encoding that cannot be read (its header is invalid).") from exc
@@ -154,7 +153,7 @@ def _open_checked(data: bytes, limits: "Limits") -> Image.Image:
     return img
 
 
-def _too_large(size: tuple[int, int], limits: "Limits") -> str:
+def _too_large(size: tuple[int, int], limits: Limits) -> str:
     return (f"The image is {size[0]} x {size[1]} pixels ({size[0] * size[1] / 1e6:.0f} megapixels); "
             f"the limit is {limits.max_pixels / 1e6:.0f} megapixels.")
 
@@ -167,7 +166,10 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     if mode in ("LA", "La", "PA", "RGBA", "RGBa") or (mode == "P" and "transparency" in img.info):
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
         return rgba[..., :3] * rgba[..., 3:4]
-    return np.asarray(img.convert("RGB"))
+    try:
+        return np.asarray(img.convert("RGB"))
+    except ValueError as exc:  # a colour model PIL cannot convert (e.g. LAB TIFF)
+        raise UnsupportedFormatError(f"Images in the '{mode}' colour model are not supported.") from exc
 
 
 def _bit_depth(mode: str) -> int:

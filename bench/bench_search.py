@@ -1,0 +1,179 @@
+"""Search benchmark of ``m3bind.Library``: latency, recall, save/load time and memory.
+
+Rerunnable: ``python bench/bench_search.py`` (full: 100k exact, 1M approximate; several minutes, ~4 GB
+RAM) or ``--quick`` (20k / 200k). Vectors are unit-norm draws from a mixture of Gaussian clusters
+(one cluster per modality x finding, one rare modality), queries come from the same mixture but are not
+in the library. Targets: exact p50 <= 20 ms at 100k, approximate p50 <= 10 ms at 1M with recall@10
+>= 0.95, save and load <= 10 s each, peak RSS while searching <= 1.5x the index size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from m3bind.library import Library  # noqa: E402
+
+MODALITIES = ("xray", "ct", "mri", "ultrasound", "retina", "pathology", "ecg")
+RARE_MODALITY = "dermoscopy"  # one cluster holding ~0.2 % of the items
+
+
+def clustered_vectors(n: int, dim: int, seed: int, n_clusters: int = 64,
+                      centers_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(n, dim) unit vectors from a fixed mixture of Gaussian clusters, and each one's cluster.
+
+    The mixture (centres, spreads, weights) depends only on ``centers_seed``, so draws with another
+    ``seed`` are new points of the same distribution. The last cluster is rare (weight 0.002).
+    """
+    mix = np.random.default_rng(centers_seed)
+    centers = mix.standard_normal((n_clusters, dim)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    spread = mix.uniform(0.6, 1.2, n_clusters).astype(np.float32)  # cosine to centre ~0.65-0.85
+    weights = np.full(n_clusters, 0.998 / (n_clusters - 1))
+    weights[-1] = 0.002
+    rng = np.random.default_rng(seed)
+    cluster = rng.choice(n_clusters, n, p=weights / weights.sum())
+    x = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        c = cluster[start:start + 100_000]
+        block = rng.standard_normal((len(c), dim), dtype=np.float32)
+        block *= (spread[c] / np.sqrt(dim))[:, None]
+        block += centers[c]
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        x[start:start + len(c)] = block
+    return x, cluster
+
+
+def modality_of(cluster: np.ndarray, n_clusters: int = 64) -> list[str]:
+    return [RARE_MODALITY if c == n_clusters - 1 else MODALITIES[c % len(MODALITIES)] for c in cluster]
+
+
+def build(n: int, dim: int, exact_threshold: int) -> tuple[Library, np.ndarray, list[str], float]:
+    x, cluster = clustered_vectors(n, dim, seed=1)
+    mods = modality_of(cluster)
+    items = [{"modality": m, "source": f"item{i:07d}.png", "label": f"finding {c}"}
+             for i, (m, c) in enumerate(zip(mods, cluster))]
+    lib = Library(dim, "bench", exact_threshold=exact_threshold)
+    start = time.perf_counter()
+    lib.add(x, items)
+    return lib, x, mods, time.perf_counter() - start
+
+
+def latency_ms(lib: Library, queries: np.ndarray, runs: int, **kwargs: object) -> float:
+    """Median over runs of the p50 single-query latency of ``Library.search`` (metadata included)."""
+    p50s = []
+    for _ in range(runs):
+        times = []
+        for q in queries:
+            start = time.perf_counter()
+            lib.search(q, 10, **kwargs)
+            times.append(time.perf_counter() - start)
+        p50s.append(np.median(times) * 1e3)
+    return float(np.median(p50s))
+
+
+def recall_at_10(lib: Library, x: np.ndarray, queries: np.ndarray, keep: np.ndarray | None = None) -> float:
+    """Recall@10 of the library against exact search over x (ids are positions in x)."""
+    base = x if keep is None else x[keep]
+    _, exact = faiss.knn(queries, base, 10, faiss.METRIC_INNER_PRODUCT)
+    if keep is not None:
+        exact = np.flatnonzero(keep)[exact]
+    hits = 0
+    for q, truth in zip(queries, exact):
+        found = {h.id for h in lib.search(q, 10, **({} if keep is None else {"modality": RARE_MODALITY}))}
+        hits += len(found & set(truth.tolist()))
+    return hits / (10 * len(queries))
+
+
+def rss_probe(path: str, dim: int, n_queries: int) -> None:
+    """Run in a fresh process: load a saved library, search, report peak RSS against the index size."""
+    lib = Library.load(path)
+    queries, _ = clustered_vectors(n_queries, dim, seed=3)
+    for q in queries:
+        lib.search(q, 10)
+        lib.search(q, 10, modality=RARE_MODALITY)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    index_bytes = os.path.getsize(Path(path) / "index.faiss")
+    print(f"{peak} {index_bytes}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dim", type=int, default=256, help="embedding dimension (the default model's: 256)")
+    parser.add_argument("--quick", action="store_true", help="20k exact / 200k approximate instead of 100k / 1M")
+    parser.add_argument("--runs", type=int, default=5, help="repetitions; medians are reported")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="faiss OpenMP threads")
+    parser.add_argument("--workdir", default=None, help="where the big library is saved (default: a temp dir)")
+    parser.add_argument("--rss-probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    faiss.omp_set_num_threads(args.threads)
+    if args.rss_probe:
+        rss_probe(args.rss_probe, args.dim, args.queries)
+        return
+
+    n_exact, n_approx = (20_000, 200_000) if args.quick else (100_000, 1_000_000)
+    print(f"machine: {platform.machine()} {platform.processor() or ''} | cpus {os.cpu_count()} | "
+          f"python {platform.python_version()} | numpy {np.__version__} | faiss {faiss.__version__} | "
+          f"faiss threads {faiss.omp_get_max_threads()}")
+    print(f"vectors: dim {args.dim}, 64 Gaussian clusters (1 rare), unit norm; {args.queries} held-out queries; "
+          f"medians of {args.runs} runs")
+    queries, _ = clustered_vectors(args.queries, args.dim, seed=2)
+
+    lib, x, _, build_s = build(n_exact, args.dim, exact_threshold=n_exact)
+    print(f"\n[exact] {n_exact:,} items, {lib.stats()['index']}, built in {build_s:.1f} s")
+    print(f"  p50 single query: {latency_ms(lib, queries, args.runs):.2f} ms (target <= 20)")
+    lib.close()
+    del lib, x
+
+    lib, x, mods, build_s = build(n_approx, args.dim, exact_threshold=50_000)
+    stats = lib.stats()
+    print(f"\n[approximate] {n_approx:,} items, {stats['index']}, nprobe {stats['nprobe']}, "
+          f"built (train + add + calibrate) in {build_s:.1f} s")
+    print(f"  p50 single query: {latency_ms(lib, queries, args.runs):.2f} ms (target <= 10)")
+    print(f"  recall@10 vs exact: {recall_at_10(lib, x, queries):.4f} (target >= 0.95)")
+    rare = np.array([m == RARE_MODALITY for m in mods])
+    print(f"  rare modality filter ({rare.sum():,} items): p50 "
+          f"{latency_ms(lib, queries, args.runs, modality=RARE_MODALITY):.2f} ms, "
+          f"recall@10 {recall_at_10(lib, x, queries, keep=rare):.4f}")
+    common = MODALITIES[0]
+    print(f"  common modality filter ({sum(m == common for m in mods):,} items): p50 "
+          f"{latency_ms(lib, queries, args.runs, modality=common):.2f} ms")
+    del x
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        path = Path(work) / "library"
+        save_s, load_s = [], []
+        for _ in range(max(1, min(args.runs, 3))):
+            start = time.perf_counter()
+            lib.save(path)
+            save_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            Library.load(path).close()
+            load_s.append(time.perf_counter() - start)
+        size = sum(f.stat().st_size for f in path.iterdir())
+        print(f"\n[persistence] {n_approx:,} items, {size / 2**20:.0f} MiB on disk: "
+              f"save {np.median(save_s):.2f} s, load {np.median(load_s):.2f} s (targets <= 10)")
+        lib.close()
+        del lib
+        out = subprocess.run([sys.executable, __file__, "--rss-probe", str(path), "--dim", str(args.dim),
+                              "--threads", str(args.threads), "--queries", str(args.queries)],
+                             check=True, capture_output=True, text=True).stdout.split()
+        peak, index_bytes = int(out[-2]), int(out[-1])
+        print(f"[memory] fresh process, load + {2 * args.queries} searches: peak RSS {peak / 2**20:.0f} MiB, "
+              f"index {index_bytes / 2**20:.0f} MiB, ratio {peak / index_bytes:.2f} (target <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()

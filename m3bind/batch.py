@@ -1,0 +1,317 @@
+"""Embedding many files at once: folders, file lists, resumable, sharded across processes.
+
+Why it is built this way:
+
+* **Decoding never starves the encoder.** A torch ``DataLoader`` runs ``load_input`` *and* the
+  model's ``preprocess`` (resize, grey conversion) in worker processes; the main process only stacks
+  nothing and encodes. Workers are forked, so the model is not pickled into them.
+* **Batches are per modality.** Inputs are sorted by path (a folder's files usually share a
+  modality) and the collate splits each loader batch into one sub-batch per modality.
+* **Bad files never abort a run.** Each refused input is kept with its ``InputError`` message.
+* **Resumable.** An input's identity is the SHA-256 of its file bytes (all files of a WFDB record,
+  in name order), stored as the library item's ``sha256``; with ``skip_existing`` the workers hash
+  each input first and skip those already in the library, before decoding them.
+* **WFDB records are one input.** A ``.hea`` header is grouped with the files of the same stem beside
+  it (``.dat``/``.mat`` signals, annotations); a signal file without its header is refused.
+* **Sharding.** Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) or an initialised
+  ``torch.distributed``, rank r embeds inputs r, r + W, ...; each rank writes its shard to a shared
+  folder and rank 0 merges the shards, in the single-process order, into the result and the library.
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import InputError
+from .readers import load_input
+
+PathLike = str | os.PathLike
+Record = tuple[Path, ...]  # one input: a file, or a WFDB header followed by the files of its record
+
+_WFDB_SIGNALS = (".dat", ".mat")
+# Suffixes of files that stand alone even when a WFDB header of the same stem lies beside them.
+_STANDALONE = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm", ".dicom",
+               ".csv", ".tsv", ".txt", ".npy")
+
+
+@dataclass
+class EmbedResult:
+    """``embeddings`` (N, D) float32, row i belongs to ``items[i]`` (``source``, ``modality``, ``sha256``).
+
+    ``refused`` lists (source, reason) of inputs that could not be embedded; ``skipped`` the sources
+    already in the library. Under sharding only rank 0 (``primary``) holds the merged result.
+    """
+
+    embeddings: np.ndarray
+    items: list[dict[str, Any]]
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    primary: bool = True
+
+
+def collect_inputs(paths_or_folder: PathLike | Iterable[PathLike]) -> tuple[list[Record], list[tuple[str, str]]]:
+    """The inputs under the given files and folders (recursively, hidden files left out), sorted.
+
+    Returns (records, refused): a WFDB signal file whose header is missing is refused here.
+    """
+    roots = [paths_or_folder] if isinstance(paths_or_folder, (str, os.PathLike)) else list(paths_or_folder)
+    files: list[Path] = []
+    for root in map(Path, roots):
+        if root.is_dir():
+            for folder, dirs, names in os.walk(root):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                files += [Path(folder) / n for n in names if not n.startswith(".")]
+        elif root.suffix.lower() in (".hea", *_WFDB_SIGNALS):
+            files += [root, *root.parent.glob(glob.escape(root.stem) + ".*")]  # the rest of its record
+        else:
+            files.append(root)  # a missing file is refused by load_input with a readable message
+    return group_records(files)
+
+
+def group_records(files: Sequence[Path]) -> tuple[list[Record], list[tuple[str, str]]]:
+    """Groups each WFDB header with the files of its stem beside it; every other file is its own input."""
+    unique = sorted(set(files))
+    headers = {(f.parent, f.stem): f for f in unique if f.suffix.lower() == ".hea"}
+    members: dict[Path, list[Path]] = {h: [] for h in headers.values()}
+    records: list[Path] = []
+    refused: list[tuple[str, str]] = []
+    for f in unique:
+        header = headers.get((f.parent, f.stem))
+        if header is not None and f != header and f.suffix.lower() not in _STANDALONE:
+            members[header].append(f)
+        elif header is None and f.suffix.lower() in _WFDB_SIGNALS:
+            refused.append((str(f), f"{f.name} is the signal file of a WFDB record, but its header "
+                                    f"({f.stem}.hea) is not beside it."))
+        else:
+            records.append(f)
+    return [(f, *members.get(f, ())) for f in records], refused
+
+
+def input_sha256(record: Record) -> str:
+    """The identity of an input: the SHA-256 of its files' bytes, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(record, key=lambda p: p.name):
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise InputError(f"Cannot read {path.name}: {exc.strerror or exc}") from None
+    return digest.hexdigest()
+
+
+class _InputDataset(Dataset):
+    """Reads, checks and preprocesses one input per item (in a worker process)."""
+
+    def __init__(self, model: Any, records: Sequence[Record], modality: str | None, known: frozenset[str],
+                 thumbnails: bool):
+        self.model, self.records, self.modality, self.known = model, records, modality, known
+        self.thumbnails = thumbnails
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[str, int, Any]:
+        record = self.records[i]
+        try:
+            sha = input_sha256(record)
+            if sha in self.known:
+                return "skipped", i, None
+            sample = load_input(list(record) if len(record) > 1 else record[0], self.modality)
+            tensor = self.model.preprocess(sample)
+        except InputError as exc:
+            return "refused", i, str(exc)
+        except Exception as exc:  # a reader bug must not end a long run; it is reported with the file
+            return "refused", i, f"Unexpected error while reading it ({type(exc).__name__}: {exc})."
+        item = {"source": str(record[0]), "modality": sample.modality, "sha256": sha}
+        if self.thumbnails:
+            from .library import thumbnail_png
+
+            item["thumbnail"] = thumbnail_png(sample)
+        return "ok", i, (tensor, item)
+
+
+def _collate(rows: list[tuple[str, int, Any]]) -> dict[str, Any]:
+    """One loader batch: a stacked sub-batch per modality, plus the refused and skipped inputs."""
+    groups: dict[str, tuple[list[int], list[torch.Tensor], list[dict]]] = {}
+    refused, skipped = [], []
+    for status, i, payload in rows:
+        if status == "ok":
+            tensor, item = payload
+            group = groups.setdefault(item["modality"], ([], [], []))
+            group[0].append(i), group[1].append(tensor), group[2].append(item)
+        elif status == "refused":
+            refused.append((i, payload))
+        else:
+            skipped.append(i)
+    return {"groups": {m: (idx, torch.stack(ts), items) for m, (idx, ts, items) in groups.items()},
+            "refused": refused, "skipped": skipped}
+
+
+def embed_files(
+    model: Any,
+    paths_or_folder: PathLike | Iterable[PathLike],
+    modality: str | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str | torch.device | None = None,
+    library: Any = None,
+    skip_existing: bool = True,
+    progress: bool = True,
+    shard_dir: PathLike | None = None,
+) -> EmbedResult:
+    """Embeds every input under the given files/folders; adds them to ``library`` when one is given.
+
+    ``num_workers`` None picks from the CPU count; ``device`` moves the model there (default: where it
+    is). ``shard_dir`` is the folder all ranks share when sharded (default: a temporary folder of rank
+    0, which suffices on one machine).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if device is not None:
+        model.to(device)
+    if library is not None:
+        library._check_model(model)
+    rank, world, group = _distributed()
+    records, refused_paths = collect_inputs(paths_or_folder)
+    positions = list(range(rank, len(records), world))
+    known = frozenset(library_hashes(library)) if library is not None and skip_existing else frozenset()
+    embeddings, items, refused, skipped = _run(
+        model, [records[p] for p in positions], modality, batch_size, num_workers, known,
+        thumbnails=library is not None, library=library if world == 1 else None, progress=progress and rank == 0)
+    refused = [(str(records[positions[i]][0]), reason) for i, reason in refused]
+    skipped = [str(records[positions[i]][0]) for i in skipped]
+    if world == 1:
+        return EmbedResult(embeddings, _strip(items), refused_paths + refused, skipped)
+    return _merge_shards(rank, world, group, shard_dir, library, positions, embeddings, items,
+                         refused_paths + refused if rank == 0 else refused, skipped, model.dim)
+
+
+def _run(model: Any, records: list[Record], modality: str | None, batch_size: int, num_workers: int | None,
+         known: frozenset[str], thumbnails: bool, library: Any, progress: bool
+         ) -> tuple[np.ndarray, list[tuple[int, dict]], list[tuple[int, str]], list[int]]:
+    """Encodes the records; returns embeddings with their (record position, item), refused, skipped."""
+    from tqdm.auto import tqdm
+
+    device = model.device
+    workers = default_workers(device, len(records), batch_size) if num_workers is None else num_workers
+    loader = DataLoader(_InputDataset(model, records, modality, known, thumbnails), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+                        multiprocessing_context=_fork() if workers else None)
+    chunks: list[np.ndarray] = []
+    items: list[tuple[int, dict]] = []
+    refused: list[tuple[int, str]] = []
+    skipped: list[int] = []
+    with tqdm(total=len(records), unit="file", disable=not progress, desc="Embedding") as bar, \
+            torch.inference_mode():
+        for batch in loader:
+            for group_modality, (indices, tensor, group_items) in batch["groups"].items():
+                vectors = model.encode(group_modality, tensor.to(device, non_blocking=True)).float().cpu().numpy()
+                if library is not None:
+                    library.add(vectors, group_items)
+                chunks.append(vectors)
+                items += zip(indices, group_items)
+            refused += batch["refused"]
+            skipped += batch["skipped"]
+            bar.set_postfix(refused=len(refused), skipped=len(skipped), refresh=False)
+            bar.update(sum(len(g[0]) for g in batch["groups"].values()) + len(batch["refused"]) +
+                       len(batch["skipped"]))
+    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, model.dim), dtype=np.float32)
+    order = sorted(range(len(items)), key=lambda j: items[j][0])  # modality groups back into input order
+    return embeddings[order], [items[j] for j in order], refused, skipped
+
+
+def default_workers(device: torch.device, n_inputs: int, batch_size: int) -> int:
+    """Worker processes: none for a handful of inputs; on a GPU one per core; on a CPU, which the
+    encoder also needs, half the cores."""
+    if n_inputs <= batch_size:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cores if device.type == "cuda" else max(1, cores // 2))
+
+
+def library_hashes(library: Any) -> set[str]:
+    """The SHA-256 of every item already in the library."""
+    with library._lock:
+        return {row[0] for row in library._db.execute("SELECT sha256 FROM items WHERE sha256 IS NOT NULL")}
+
+
+def _fork() -> Any:
+    import multiprocessing
+
+    return multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+
+
+def _strip(items: list[tuple[int, dict]]) -> list[dict]:
+    """Items as returned: without their record positions and thumbnails (those live in the library)."""
+    return [{k: v for k, v in item.items() if k != "thumbnail"} for _, item in items]
+
+
+# -------------------------------------------------------------------------------------- sharding
+def _distributed() -> tuple[int, int, Any]:
+    """(rank, world size, gloo process group) of this process; (0, 1, None) when not sharded."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and (dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1)):
+        return 0, 1, None
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return dist.get_rank(), dist.get_world_size(), group
+
+
+def _merge_shards(rank: int, world: int, group: Any, shard_dir: PathLike | None, library: Any,
+                  positions: list[int], embeddings: np.ndarray, items: list[tuple[int, dict]],
+                  refused: list[tuple[str, str]], skipped: list[str], dim: int) -> EmbedResult:
+    """Every rank writes its shard; rank 0 merges them in input order (and into the library)."""
+    import torch.distributed as dist
+
+    owned = shard_dir is None
+    where = [tempfile.mkdtemp(prefix="m3bind-shards-") if owned and rank == 0 else shard_dir]
+    dist.broadcast_object_list(where, src=0, group=group)
+    folder = Path(where[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / f"shard-{rank}.npy", embeddings)
+    shard = {"items": [[positions[i], _jsonable(item)] for i, item in items], "refused": refused, "skipped": skipped}
+    (folder / f"shard-{rank}.json").write_text(json.dumps(shard))
+    dist.barrier(group=group)
+    if rank != 0:
+        return EmbedResult(embeddings, _strip(items), refused, skipped, primary=False)
+    rows, vectors, all_refused, all_skipped = [], [], [], []
+    for r in range(world):
+        shard = json.loads((folder / f"shard-{r}.json").read_text())
+        vectors.append(np.load(folder / f"shard-{r}.npy"))
+        rows += [(pos, _from_json(item)) for pos, item in shard["items"]]
+        all_refused += [tuple(x) for x in shard["refused"]]
+        all_skipped += shard["skipped"]
+    if owned:
+        shutil.rmtree(folder, ignore_errors=True)
+    merged = np.concatenate(vectors) if vectors else np.zeros((0, dim), dtype=np.float32)
+    order = sorted(range(len(rows)), key=lambda j: rows[j][0])
+    merged, rows = merged[order], [rows[j] for j in order]
+    if library is not None and rows:
+        library.add(merged, [item for _, item in rows])
+    return EmbedResult(merged, _strip(rows), sorted(all_refused), sorted(all_skipped))
+
+
+def _jsonable(item: dict) -> dict:
+    thumbnail = item.get("thumbnail")
+    return {**item, "thumbnail": None if thumbnail is None else base64.b64encode(thumbnail).decode()}
+
+
+def _from_json(item: dict) -> dict:
+    thumbnail = item.get("thumbnail")
+    return {**item, "thumbnail": None if thumbnail is None else base64.b64decode(thumbnail)}

@@ -1,0 +1,273 @@
+"""The ``m3bind`` command line: embed, index, search, classify, info.
+
+Every command calls the Python API only. User errors (unreadable files, unknown modalities, a library
+built with another model) end with exit code 2 and one readable line on stderr; any other failure
+with exit code 1 and one line; never a traceback. ``--json`` prints machine-readable results on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .modalities import get_modality, modality_names
+
+PROG = "m3bind"
+_LIST_REFUSED = 20  # refused files listed one by one in the human-readable summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        result = args.run(args)
+        if result is not None:
+            print(json.dumps(result, indent=2, default=str) if args.json else _text(result))
+        return 0
+    except InputError as exc:
+        return _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:  # one line, no traceback: the CLI's promise
+        return _fail(f"{type(exc).__name__}: {exc}", 1)
+    finally:
+        warnings.showwarning = previous
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)  # accepted after the command too, without overriding
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Embed, index, search and classify medical images and ECGs in one shared space.")
+    _global_options(parser, None)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    embed = commands.add_parser("embed", parents=[common], help="embed files or folders into .npy + .jsonl",
+                                description="Embed every file under the given files and folders. Writes "
+                                            "OUTPUT.npy (N x D float32) and OUTPUT.jsonl (one item per row).")
+    _input_options(embed)
+    embed.add_argument("-o", "--output", required=True, type=Path, help="output prefix (OUTPUT.npy, OUTPUT.jsonl)")
+    embed.set_defaults(run=_embed)
+
+    index = commands.add_parser("index", parents=[common], help="build or extend a library from files/folders",
+                                description="Add every file under the given files and folders to a library "
+                                            "folder (created if missing). Files already in it are skipped.")
+    _input_options(index)
+    index.add_argument("-l", "--library", required=True, type=Path, help="library folder")
+    index.add_argument("--no-skip-existing", dest="skip_existing", action="store_false",
+                       help="embed files again even if the library already holds them")
+    index.set_defaults(run=_index)
+
+    search = commands.add_parser("search", parents=[common], help="search a library by text or by a file",
+                                 description="Find the library items closest to a finding written as text, "
+                                             "or to a file (--file).")
+    search.add_argument("query", nargs="?", help="the finding to look for, e.g. 'pleural effusion'")
+    search.add_argument("-f", "--file", type=Path, help="search with this file instead of text")
+    search.add_argument("-l", "--library", required=True, type=Path, help="library folder")
+    search.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    search.add_argument("--modality", action="append", choices=modality_names(), metavar="MODALITY",
+                        help="only these modalities (repeatable)")
+    search.add_argument("--exclude-modality", action="append", choices=modality_names(), metavar="MODALITY",
+                        help="leave these modalities out (repeatable; cross-modal search)")
+    search.set_defaults(run=_search)
+
+    classify = commands.add_parser("classify", parents=[common], help="zero-shot classify one file",
+                                   description="Probabilities of candidate findings for one file (a WFDB "
+                                               "record: give its .hea). Without labels, the modality's "
+                                               "default findings are used.")
+    classify.add_argument("file", type=Path)
+    classify.add_argument("labels", nargs="*", help="candidate findings, e.g. pneumonia 'pleural effusion'")
+    classify.add_argument("--modality", choices=modality_names(), metavar="MODALITY",
+                          help=f"override the detected modality ({', '.join(modality_names())})")
+    classify.set_defaults(run=_classify)
+
+    info = commands.add_parser("info", parents=[common], help="describe the model (and a library)",
+                               description="Model name, fingerprint, modalities and dimension; with "
+                                           "--library, that library's statistics.")
+    info.add_argument("-l", "--library", type=Path, help="library folder")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--model", default=default,
+                        help="model folder or Hugging Face repo id (default: the embedded default model)")
+    parser.add_argument("--device", default=default, help="cpu, cuda, cuda:1, ... (default: a GPU if present)")
+    parser.add_argument("--json", action="store_true", default=False if default is None else default,
+                        help="print machine-readable JSON")
+
+
+def _input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", type=Path, help="files and folders (searched recursively)")
+    parser.add_argument("--modality", choices=modality_names(), metavar="MODALITY",
+                        help="treat every input as this modality instead of detecting it")
+    parser.add_argument("--batch-size", type=int, default=64, help="inputs per encoder batch (default 64)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: from the CPU count)")
+
+
+# ------------------------------------------------------------------------------------------ commands
+def _embed(args: argparse.Namespace) -> dict[str, Any] | None:
+    from .batch import embed_files
+
+    result = embed_files(_model(args), args.inputs, args.modality, args.batch_size, args.workers,
+                         progress=sys.stderr.isatty())
+    if not result.primary:
+        return None
+    _check_any(result, args.inputs)
+    prefix = args.output.with_suffix("") if args.output.suffix in (".npy", ".jsonl") else args.output
+    npy, jsonl = Path(f"{prefix}.npy"), Path(f"{prefix}.jsonl")
+    np.save(npy, result.embeddings)
+    jsonl.write_text("".join(json.dumps(item) + "\n" for item in result.items))
+    return {"embedded": len(result.items), "dim": int(result.embeddings.shape[1]), "embeddings": str(npy),
+            "items": str(jsonl), "refused": _refused(result.refused)}
+
+
+def _index(args: argparse.Namespace) -> dict[str, Any] | None:
+    from .batch import embed_files
+    from .library import Library
+
+    model = _model(args)
+    exists = args.library.exists()
+    library = Library.load(args.library, model.fingerprint) if exists else Library.for_model(model)
+    with library:
+        result = embed_files(model, args.inputs, args.modality, args.batch_size, args.workers, library=library,
+                             skip_existing=args.skip_existing, progress=sys.stderr.isatty())
+        if not result.primary:
+            return None
+        if not result.skipped:
+            _check_any(result, args.inputs)
+        if result.items or not exists:
+            library.save(args.library)
+        return {"library": str(args.library), "added": len(result.items), "skipped": len(result.skipped),
+                "refused": _refused(result.refused), "stats": library.stats()}
+
+
+def _search(args: argparse.Namespace) -> dict[str, Any]:
+    from .library import Library
+    from .readers import load_input
+
+    if (args.query is None) == (args.file is None):
+        raise InputError("Give either a text query or --file FILE, not both.")
+    if args.k < 1:
+        raise InputError("-k must be at least 1.")
+    model = _model(args)
+    with Library.load(args.library, model.fingerprint) as library:
+        if args.file is not None:
+            hits = library.search_sample(model, load_input(args.file), args.k, args.modality, args.exclude_modality)
+        else:
+            hits = library.search(model.embed_text([args.query])[0], args.k, args.modality, args.exclude_modality)
+    query = str(args.file) if args.file is not None else args.query
+    return {"query": query, "hits": [dataclasses.asdict(h) for h in hits]}
+
+
+def _classify(args: argparse.Namespace) -> dict[str, Any]:
+    from .readers import load_input
+
+    model = _model(args)
+    sample = load_input(args.file, args.modality)
+    labels = args.labels or list(get_modality(sample.modality).default_labels)
+    probs = model.classify(sample, labels)
+    return {"file": str(args.file), "modality": sample.modality,
+            "probabilities": dict(sorted(probs.items(), key=lambda kv: -kv[1]))}
+
+
+def _info(args: argparse.Namespace) -> dict[str, Any]:
+    from .library import Library
+
+    model = _model(args)
+    out = {"model": model.config.name, "fingerprint": model.fingerprint, "dim": model.dim,
+           "modalities": model.modalities, "device": str(model.device)}
+    if args.library is not None:
+        with Library.load(args.library, model.fingerprint) as library:
+            out["library"] = {"path": str(args.library), **library.stats()}
+    return out
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _model(args: argparse.Namespace) -> Any:
+    from transformers.utils import logging as hf_logging
+
+    from .model import load_model
+
+    hf_logging.disable_progress_bar()
+    device = args.device
+    if device is None and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per local rank
+        import torch
+
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+    return load_model(args.model, device=device or "auto")
+
+
+def _check_any(result: Any, inputs: Sequence[Path]) -> None:
+    """Nothing embedded is a user error: say why, in one line."""
+    if result.items:
+        return
+    if not result.refused:
+        raise InputError(f"No files found in {', '.join(str(p) for p in inputs)}.")
+    source, reason = result.refused[0]
+    more = f" ({len(result.refused) - 1} more inputs refused)" if len(result.refused) > 1 else ""
+    raise InputError(f"{source}: {reason}{more}")
+
+
+def _refused(refused: list[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"source": source, "reason": reason} for source, reason in refused]
+
+
+def _text(result: dict[str, Any]) -> str:
+    """The human-readable form of a command's result."""
+    if "hits" in result:
+        rows = [f"{h['score']:7.3f}  {h['modality']:<10}  {h['source'] or '-'}"
+                + (f"  [{h['label']}]" if h["label"] else "") for h in result["hits"]]
+        return "\n".join([f"{len(rows)} results for {result['query']!r}", *rows])
+    if "probabilities" in result:
+        title = get_modality(result["modality"]).title
+        return "\n".join([f"{result['file']} ({title})",
+                          *(f"{100 * p:6.1f}%  {label}" for label, p in result["probabilities"].items())])
+    if "fingerprint" in result:
+        lines = [f"model:       {result['model']}", f"fingerprint: {result['fingerprint']}",
+                 f"dimension:   {result['dim']}", f"device:      {result['device']}",
+                 f"modalities:  {', '.join(result['modalities'])}"]
+        if "library" in result:
+            lib = result["library"]
+            per = ", ".join(f"{m} {n}" for m, n in lib["per_modality"].items()) or "empty"
+            lines += [f"library:     {lib['path']}: {lib['count']} items ({per}), index {lib['index']}"]
+        return "\n".join(lines)
+    if "added" in result:
+        stats = result["stats"]
+        per = ", ".join(f"{m} {n}" for m, n in stats["per_modality"].items()) or "empty"
+        head = (f"Added {result['added']} items to {result['library']} ({result['skipped']} already there, "
+                f"{len(result['refused'])} refused); it now holds {stats['count']} ({per}).")
+    else:
+        head = (f"Embedded {result['embedded']} inputs into {result['embeddings']} ({result['embedded']} x "
+                f"{result['dim']}) and {result['items']} ({len(result['refused'])} refused).")
+    return "\n".join([head, *_refused_lines(result["refused"])])
+
+
+def _refused_lines(refused: list[dict[str, str]]) -> list[str]:
+    if not refused:
+        return []
+    lines = ["Refused:", *(f"  {r['source']}: {r['reason']}" for r in refused[:_LIST_REFUSED])]
+    if len(refused) > _LIST_REFUSED:
+        lines.append(f"  ... and {len(refused) - _LIST_REFUSED} more (see --json for all)")
+    return lines
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return code

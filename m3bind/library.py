@@ -1,0 +1,639 @@
+"""The Library: embedded items kept searchable, a faiss index for the vectors and SQLite for the rest.
+
+Choices, and why:
+
+* **Vectors live only in faiss.** Nothing keeps a second copy in Python, so searching a library takes
+  about the index's size in RAM. Metadata (modality, label, notes, thumbnail) sits in a private SQLite
+  working file on disk; only one small int16 per id (its modality) is held in memory, for filtering.
+* **Ids** are assigned here, increase monotonically and are never reused; faiss stores them (an
+  ``IndexIDMap2`` over the flat index, the IVF index's own ids later), so they survive removal,
+  rebuilds, save and load.
+* **Exact while small, IVF when large.** Up to ``exact_threshold`` items the index is ``IndexFlatIP``
+  (cosine: vectors are unit norm). Above it the index is rebuilt from the factory string (default
+  ``IVF{nlist},Flat``, nlist = 4 sqrt(N), trained on a sample of the library's own vectors) and rebuilt
+  again each time the library grows 4x past its last training, so the lists stay balanced. IVF was
+  picked over HNSW by measuring (bench/README.md): HNSW32 took minutes to build 1M vectors on 2 cores
+  and faiss cannot remove items from it. ``nprobe`` is calibrated at every build: held-out items are
+  searched against exact search and the smallest nprobe whose recall@10 reaches ``target_recall`` wins.
+* **Modality filter** is a faiss ``IDSelectorBitmap`` over ids. A modality with at most
+  ``exact_threshold`` items is searched through all IVF lists (exact for that modality, however rare it
+  is); a larger one uses nprobe scaled by 1/(its share of the library).
+* **Thumbnails**: images become a PNG of at most 128 px; ECGs a 128x48 PNG trace of lead II (or of the
+  first recorded lead), so lists of hits need no plotting.
+* **Sources** keep only a file's base name and a SHA-256, never a directory path.
+* **Saving is atomic**: everything is written and fsynced into a temporary directory beside the target,
+  then the old library is renamed to a backup, the new one to the target, and the backup is deleted. A
+  crash at any point leaves a loadable library (``load`` renames a lone backup back). One process saves
+  a given path at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
+from typing import Any, Iterable, Iterator, Sequence
+
+import faiss
+import numpy as np
+
+from .errors import CorruptFileError, InputError
+from .modalities import get_modality
+from .sample import Sample
+
+FORMAT_VERSION = 1
+DEFAULT_FACTORY = "IVF{nlist},Flat"
+DEFAULT_EXACT_THRESHOLD = 50_000
+DEFAULT_TARGET_RECALL = 0.97  # calibrated on held-out items; the promise is >= 0.95 on new queries
+THUMBNAIL_PX = 128
+ITEM_FIELDS = ("modality", "source", "sha256", "label", "notes", "thumbnail")
+
+_INDEX_FILE, _ITEMS_FILE, _META_FILE = "index.faiss", "items.sqlite", "library.json"
+_REGROW = 4  # retrain the IVF index when the library has grown this many times past its training size
+_CALIBRATION_QUERIES = 256
+_CALIBRATION_K = 10
+_TRAIN_PER_LIST = 40  # k-means sample size per IVF list (faiss asks for at least 39)
+_TRAIN_ITERATIONS = 10
+_MIN_EXACT_THRESHOLD = 1_000
+# Below this many queries faiss works on one query per thread anyway, and waking idle OpenMP threads
+# costs more than it brings (tens of ms on a busy 2-core machine), so small batches run single-threaded.
+_PARALLEL_BATCH = 20
+_SCHEMA = """CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY, modality TEXT NOT NULL, source TEXT, sha256 TEXT, label TEXT, notes TEXT,
+    thumbnail BLOB, added_at TEXT NOT NULL)"""
+_HIT_COLUMNS = "id, modality, label, source, sha256, notes, added_at"
+
+
+class LibraryMismatchError(InputError):
+    """The library and the model (or the vectors given) come from different embedding spaces."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    score: float  # cosine similarity
+    modality: str
+    label: str | None
+    source: str | None
+    sha256: str | None
+    notes: str | None
+    added_at: str
+
+
+class Library:
+    """A persistent, searchable collection of embedded items of every modality."""
+
+    def __init__(self, dim: int, model_fingerprint: str, index_factory: str | None = None, *,
+                 exact_threshold: int = DEFAULT_EXACT_THRESHOLD, target_recall: float = DEFAULT_TARGET_RECALL):
+        if dim < 1:
+            raise ValueError("dim must be positive")
+        if exact_threshold < _MIN_EXACT_THRESHOLD:
+            raise ValueError(f"exact_threshold must be at least {_MIN_EXACT_THRESHOLD}")
+        if not 0 < target_recall <= 1:
+            raise ValueError("target_recall must be in (0, 1]")
+        self.dim = int(dim)
+        self.fingerprint = str(model_fingerprint)
+        self.index_factory = index_factory or DEFAULT_FACTORY
+        self.exact_threshold = int(exact_threshold)
+        self.target_recall = float(target_recall)
+        _check_factory(self.dim, self.index_factory)
+        self._lock = threading.RLock()
+        self._next_id = 0
+        self._trained_size = 0  # items the current IVF index was trained with; 0 while exact
+        self._nprobe = 0
+        self._modality_names: list[str] = []
+        self._modality_of = np.full(0, -1, dtype=np.int16)  # code per id, -1 where absent
+        self._selectors: dict[frozenset[int], tuple[np.ndarray, Any]] = {}
+        self._index = _flat_index(self.dim)
+        fd, db_path = tempfile.mkstemp(prefix="m3bind-library-", suffix=".sqlite")
+        os.close(fd)
+        self._db = _open_working_db(db_path)
+        self._finalizer = weakref.finalize(self, _discard_working_db, self._db, db_path)
+
+    @classmethod
+    def for_model(cls, model: Any, index_factory: str | None = None, **kwargs: Any) -> "Library":
+        """An empty library for ``model``'s embedding space."""
+        return cls(model.dim, model.fingerprint, index_factory, **kwargs)
+
+    # ---------------------------------------------------------------------------------------- core
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    def close(self) -> None:
+        """Deletes the working copy of the metadata; the library is unusable afterwards."""
+        self._finalizer()
+
+    def __enter__(self) -> "Library":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, embeddings: np.ndarray, items: Sequence[dict[str, Any]]) -> list[int]:
+        """Adds (N, D) unit vectors with one metadata dict each; returns their new ids.
+
+        Item keys: ``modality`` (required, a registered modality), ``source`` (reduced to its base
+        name), ``sha256``, ``label``, ``notes``, ``thumbnail`` (PNG bytes).
+        """
+        x = self._as_matrix(embeddings, "embeddings")
+        if len(items) != len(x):
+            raise ValueError(f"{len(x)} embeddings but {len(items)} items")
+        rows = [_item_row(item) for item in items]
+        with self._lock:
+            ids = np.arange(self._next_id, self._next_id + len(x), dtype=np.int64)
+            codes = np.array([self._modality_code(row[0]) for row in rows], dtype=np.int16)
+            added_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            with self._db:  # rolled back if faiss fails below
+                self._db.executemany(
+                    "INSERT INTO items (id, modality, source, sha256, label, notes, thumbnail, added_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(int(i), *row, added_at) for i, row in zip(ids, rows)])
+                total = len(self) + len(x)
+                if total > self.exact_threshold and (self._trained_size == 0 or
+                                                     total > _REGROW * self._trained_size):
+                    self._rebuild(x, ids)
+                else:
+                    self._index.add_with_ids(x, ids)
+            self._next_id += len(x)
+            self._set_modality(ids, codes)
+        return ids.tolist()
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Removes items by id (unknown ids are ignored); returns how many were removed."""
+        wanted = np.unique(np.fromiter((int(i) for i in ids), dtype=np.int64))
+        with self._lock:
+            known = wanted[(wanted >= 0) & (wanted < len(self._modality_of))]
+            known = known[self._modality_of[known] >= 0]
+            if len(known) == 0:
+                return 0
+            with self._db:
+                self._db.executemany("DELETE FROM items WHERE id = ?", [(int(i),) for i in known])
+                # the IVF direct map (a hash table) removes only listed ids; the flat map wants a set
+                selector = faiss.IDSelectorArray(known) if self._trained_size else faiss.IDSelectorBatch(known)
+                removed = int(self._index.remove_ids(selector))
+            self._set_modality(known, np.full(len(known), -1, dtype=np.int16))
+            if self._trained_size and len(self) <= self.exact_threshold // 2:
+                self._rebuild()
+        return removed
+
+    def search(self, query: np.ndarray, k: int = 10, modality: str | Iterable[str] | None = None,
+               exclude_modality: str | Iterable[str] | None = None) -> list[Hit] | list[list[Hit]]:
+        """The k most similar items to a (D,) query, or one list per row of a (Q, D) batch.
+
+        ``modality`` keeps only those modalities; ``exclude_modality`` drops some (cross-modal search).
+        """
+        single = np.ndim(query) == 1
+        q = self._as_matrix(np.atleast_2d(query), "query")
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        with self._lock:
+            params = self._search_params(modality, exclude_modality)
+            if params is None or len(self) == 0:
+                results: list[list[Hit]] = [[] for _ in range(len(q))]
+            else:
+                with _faiss_threads(1 if len(q) < _PARALLEL_BATCH else None):
+                    scores, found = self._index.search(q, min(k, len(self)), params=params)
+                rows = self._hit_rows({int(i) for i in found.ravel() if i >= 0})
+                results = [[Hit(score=float(s), **rows[int(i)]) for s, i in zip(srow, irow) if i >= 0]
+                           for srow, irow in zip(scores, found)]
+        return results[0] if single else results
+
+    def item(self, item_id: int) -> dict[str, Any]:
+        """Everything stored about one item, thumbnail included."""
+        with self._lock:
+            cur = self._db.execute(f"SELECT {_HIT_COLUMNS}, thumbnail FROM items WHERE id = ?", (int(item_id),))
+            row = cur.fetchone()
+        if row is None:
+            raise KeyError(item_id)
+        return dict(zip([d[0] for d in cur.description], row))
+
+    def vectors(self, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, (N, D) vectors) of the given items or of all, in id order: a copy, for plots and exports."""
+        with self._lock:
+            if ids is None:
+                chosen = np.flatnonzero(self._modality_of >= 0).astype(np.int64)
+            else:
+                chosen = np.asarray(list(ids), dtype=np.int64)
+                present = (chosen >= 0) & (chosen < len(self._modality_of))
+                if not present.all() or (self._modality_of[chosen] < 0).any():
+                    raise KeyError("some ids are not in the library")
+            return chosen, self._reconstruct(chosen)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            counts = np.bincount(self._modality_of[self._modality_of >= 0],
+                                 minlength=len(self._modality_names))
+            return {
+                "count": len(self),
+                "per_modality": {n: int(c) for n, c in zip(self._modality_names, counts) if c},
+                "index": self._index_description(),
+                "nprobe": self._nprobe or None,
+                "dim": self.dim,
+                "fingerprint": self.fingerprint,
+                "exact_threshold": self.exact_threshold,
+            }
+
+    # ------------------------------------------------------------------------------ model helpers
+    def add_samples(self, model: Any, samples: Sequence[Sample], items: Sequence[dict[str, Any]] | None = None,
+                    batch_size: int = 64) -> list[int]:
+        """Embeds samples with ``model`` and adds them with thumbnails made from their previews.
+
+        ``items`` may give per-sample ``source``, ``sha256``, ``label``, ``notes``; the SHA-256 defaults to
+        the hash of the decoded data.
+        """
+        self._check_model(model)
+        if items is not None and len(items) != len(samples):
+            raise ValueError(f"{len(samples)} samples but {len(items)} items")
+        ids: list[int] = []
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start:start + batch_size]
+            extra = items[start:start + batch_size] if items is not None else [{}] * len(batch)
+            rows = [_sample_item(s, e) for s, e in zip(batch, extra)]
+            ids += self.add(np.asarray(model.embed(list(batch)), dtype=np.float32).reshape(len(batch), -1), rows)
+        return ids
+
+    def search_text(self, model: Any, text: str | Sequence[str], k: int = 10,
+                    modality: str | Iterable[str] | None = None) -> list[Hit] | list[list[Hit]]:
+        """Items closest to a finding written as text (one list per text for a list of texts)."""
+        self._check_model(model)
+        texts = [text] if isinstance(text, str) else list(text)
+        results = self.search(np.asarray(model.embed_text(texts), dtype=np.float32), k, modality)
+        return results[0] if isinstance(text, str) else results
+
+    def search_sample(self, model: Any, sample: Sample, k: int = 10, modality: str | Iterable[str] | None = None,
+                      exclude_modality: str | Iterable[str] | None = None) -> list[Hit]:
+        """Items closest to a sample; ``exclude_modality=sample.modality`` gives cross-modal search."""
+        self._check_model(model)
+        query = np.asarray(model.embed(sample), dtype=np.float32).reshape(-1)
+        return self.search(query, k, modality, exclude_modality)
+
+    def _check_model(self, model: Any) -> None:
+        if model.fingerprint != self.fingerprint or model.dim != self.dim:
+            raise LibraryMismatchError(
+                f"This library was built with model {self.fingerprint}; the loaded model is "
+                f"{model.fingerprint}. Rebuild the library with the loaded model.")
+
+    # --------------------------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes the library directory atomically (see the module docstring)."""
+        target = Path(path)
+        if target.exists() and not (target / _META_FILE).is_file():
+            raise InputError(f"{target.name} exists and is not an M3Bind library; choose another folder.")
+        parent = target.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=parent))
+        try:
+            with self._lock:
+                faiss.write_index(self._index, str(tmp / _INDEX_FILE))
+                dest = sqlite3.connect(tmp / _ITEMS_FILE)
+                try:
+                    self._db.backup(dest)
+                finally:
+                    dest.close()
+                meta = {"version": FORMAT_VERSION, "dim": self.dim, "fingerprint": self.fingerprint,
+                        "factory": self.index_factory, "exact_threshold": self.exact_threshold,
+                        "target_recall": self.target_recall, "next_id": self._next_id,
+                        "trained_size": self._trained_size, "nprobe": self._nprobe, "count": len(self)}
+            (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
+            for name in (_INDEX_FILE, _ITEMS_FILE, _META_FILE):
+                _fsync(tmp / name)
+            _fsync(tmp)
+            backup = _backup_path(target)
+            if target.exists():
+                if backup.exists():
+                    shutil.rmtree(backup)  # left by a crash after the new library was in place
+                os.rename(target, backup)
+            os.rename(tmp, target)
+            _fsync(parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expected_fingerprint: str | None = None) -> "Library":
+        """Opens a saved library; refuses one built with another model than ``expected_fingerprint``."""
+        target = Path(path)
+        backup = _backup_path(target)
+        if not target.exists() and backup.is_dir():
+            os.rename(backup, target)  # a save crashed between its two renames
+        if not (target / _META_FILE).is_file():
+            raise InputError(f"No M3Bind library found at {target.name}.")
+        try:
+            meta = json.loads((target / _META_FILE).read_text())
+            version, dim, fingerprint = meta["version"], int(meta["dim"]), str(meta["fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CorruptFileError(f"The library {target.name} is damaged (its description cannot be read).") from exc
+        if version != FORMAT_VERSION:
+            raise InputError(f"The library {target.name} has format version {version}; this M3Bind reads "
+                             f"version {FORMAT_VERSION}. Rebuild it.")
+        if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+            raise LibraryMismatchError(
+                f"This library was built with model {fingerprint}; the loaded model is {expected_fingerprint}. "
+                "Rebuild the library with the loaded model.")
+        lib = cls(dim, fingerprint, meta["factory"], exact_threshold=meta["exact_threshold"],
+                  target_recall=meta["target_recall"])
+        try:
+            index = faiss.read_index(str(target / _INDEX_FILE))
+            lib._load_items(target / _ITEMS_FILE)
+        except (RuntimeError, OSError, sqlite3.Error, ValueError) as exc:
+            lib.close()
+            raise CorruptFileError(f"The library {target.name} is damaged (its index or items cannot be read).") \
+                from exc
+        if index.d != dim or index.ntotal != int((lib._modality_of >= 0).sum()):
+            lib.close()
+            raise CorruptFileError(f"The library {target.name} is damaged (index and items disagree).")
+        lib._index = index
+        lib._next_id = max(int(meta["next_id"]), len(lib._modality_of))
+        lib._trained_size, lib._nprobe = int(meta["trained_size"]), int(meta["nprobe"])
+        return lib
+
+    def _load_items(self, items_path: Path) -> None:
+        source = sqlite3.connect(f"file:{items_path}?mode=ro", uri=True)
+        try:
+            source.backup(self._db)
+        finally:
+            source.close()
+        by_modality = self._db.execute("SELECT modality, COUNT(*), MAX(id) FROM items GROUP BY modality").fetchall()
+        top = max((row[2] for row in by_modality), default=-1)
+        self._modality_of = np.full(top + 1, -1, dtype=np.int16)
+        for name, count, _ in by_modality:
+            ids = np.fromiter((r[0] for r in self._db.execute("SELECT id FROM items WHERE modality = ?", (name,))),
+                              dtype=np.int64, count=count)
+            self._modality_of[ids] = self._modality_code(name)
+
+    # ------------------------------------------------------------------------------------ internals
+    def _as_matrix(self, x: np.ndarray, what: str) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise LibraryMismatchError(
+                f"The {what} have shape {x.shape}; this library holds {self.dim}-dimensional vectors.")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        norms = np.linalg.norm(x, axis=1)
+        if not np.isfinite(norms).all() or (norms == 0).any():
+            raise InputError(f"The {what} contain empty or non-finite vectors.")
+        if np.abs(norms - 1).max(initial=0) > 1e-3:
+            x = x / norms[:, None]
+        return x
+
+    def _modality_code(self, name: str) -> int:
+        if name not in self._modality_names:
+            self._modality_names.append(name)
+        return self._modality_names.index(name)
+
+    def _set_modality(self, ids: np.ndarray, codes: np.ndarray) -> None:
+        if len(ids) and ids.max() >= len(self._modality_of):
+            grown = np.full(max(int(ids.max()) + 1, 2 * len(self._modality_of)), -1, dtype=np.int16)
+            grown[:len(self._modality_of)] = self._modality_of
+            self._modality_of = grown
+        self._modality_of[ids] = codes
+        self._selectors.clear()
+
+    def _search_params(self, modality: Any, exclude: Any) -> faiss.SearchParameters | None:
+        """faiss parameters for a filtered search, or None when the filter matches nothing."""
+        codes = set(range(len(self._modality_names)))
+        if modality is not None:
+            codes &= {self._modality_names.index(m) for m in _names(modality) if m in self._modality_names}
+        if exclude is not None:
+            codes -= {self._modality_names.index(m) for m in _names(exclude) if m in self._modality_names}
+        counts = np.bincount(self._modality_of[self._modality_of >= 0], minlength=len(self._modality_names))
+        selected = int(sum(counts[c] for c in codes))
+        if selected == 0:
+            return None
+        selector = None if selected == len(self) else self._selector(frozenset(codes))
+        if not self._trained_size:
+            return faiss.SearchParameters(sel=selector)
+        nlist = faiss.extract_index_ivf(self._index).nlist
+        if selector is None:
+            nprobe = self._nprobe
+        elif selected <= self.exact_threshold:
+            nprobe = nlist  # a rare modality: every list, so its results are exact
+        else:
+            nprobe = min(nlist, math.ceil(self._nprobe * len(self) / selected))
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+
+    def _selector(self, codes: frozenset[int]) -> Any:
+        if codes not in self._selectors:
+            member = np.isin(self._modality_of, np.fromiter(codes, dtype=np.int16))
+            bitmap = np.packbits(member, bitorder="little")
+            self._selectors[codes] = (bitmap, faiss.IDSelectorBitmap(bitmap))  # the selector borrows bitmap
+        return self._selectors[codes][1]
+
+    def _hit_rows(self, ids: set[int]) -> dict[int, dict[str, Any]]:
+        if not ids:
+            return {}
+        cur = self._db.execute(f"SELECT {_HIT_COLUMNS} FROM items WHERE id IN ({','.join('?' * len(ids))})",
+                               tuple(ids))
+        names = [d[0] for d in cur.description]
+        return {row[0]: dict(zip(names, row)) for row in cur}
+
+    def _reconstruct(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            out = np.empty((len(ids), self.dim), dtype=np.float32)
+        for start in range(0, len(ids), 65536):
+            out[start:start + 65536] = self._index.reconstruct_batch(ids[start:start + 65536])
+        return out
+
+    def _rebuild(self, extra: np.ndarray | None = None, extra_ids: np.ndarray | None = None) -> None:
+        """Rebuilds the index for the current size (plus ``extra`` vectors about to be added)."""
+        ids = np.flatnonzero(self._modality_of >= 0).astype(np.int64)
+        kept = len(ids)
+        if extra is not None and kept == 0:
+            x, ids = extra, extra_ids
+        else:
+            x = np.empty((kept + (0 if extra is None else len(extra)), self.dim), dtype=np.float32)
+            self._reconstruct(ids, out=x[:kept])
+            if extra is not None:
+                x[kept:], ids = extra, np.concatenate([ids, extra_ids])
+        self._index = None  # frees the old index before the new one is built
+        try:
+            self._index, self._trained_size, self._nprobe = self._build(x, ids)
+        except BaseException:
+            self._index, self._trained_size, self._nprobe = self._build(x[:kept], ids[:kept], exact=True)
+            raise
+
+    def _build(self, x: np.ndarray, ids: np.ndarray, exact: bool = False) -> tuple[faiss.Index, int, int]:
+        """A new index holding ``x``: (index, trained size, nprobe), the last two 0 for an exact index."""
+        if exact or len(x) <= self.exact_threshold:
+            flat = _flat_index(self.dim)
+            flat.add_with_ids(x, ids)
+            return flat, 0, 0
+        nlist = max(1, min(int(4 * math.sqrt(len(x))), len(x) // 39))
+        index = faiss.index_factory(self.dim, self.index_factory.format(nlist=nlist), faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(index)
+        rng = np.random.default_rng(len(x))
+        train = x[np.sort(rng.choice(len(x), min(len(x), _TRAIN_PER_LIST * nlist), replace=False))]
+        ivf.cp.max_points_per_centroid = _TRAIN_PER_LIST  # the sample above is the training set, used whole
+        ivf.cp.niter = _TRAIN_ITERATIONS
+        index.train(train)
+        del train
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct by id, removal with any ids
+        index.add_with_ids(x, ids)
+        return index, len(x), _calibrate_nprobe(index, x, ids, self.target_recall, rng)
+
+    def _index_description(self) -> str:
+        if not self._trained_size:
+            return "Flat (exact)"
+        return self.index_factory.format(nlist=faiss.extract_index_ivf(self._index).nlist)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _flat_index(dim: int) -> faiss.Index:
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def _check_factory(dim: int, factory: str) -> None:
+    try:
+        index = faiss.index_factory(dim, factory.format(nlist=16), faiss.METRIC_INNER_PRODUCT)
+        faiss.extract_index_ivf(index)
+    except (RuntimeError, KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"index_factory {factory!r} must describe a faiss IVF index, e.g. "
+                         f"{DEFAULT_FACTORY!r}") from exc
+
+
+def _calibrate_nprobe(index: faiss.Index, x: np.ndarray, ids: np.ndarray, target: float,
+                      rng: np.random.Generator) -> int:
+    """The smallest nprobe whose recall@10, on held-out items against exact search, reaches ``target``."""
+    ivf = faiss.extract_index_ivf(index)
+    picked = rng.choice(len(x), min(_CALIBRATION_QUERIES, len(x)), replace=False)
+    queries, k = x[picked], _CALIBRATION_K + 1  # +1: each query finds itself, which does not count
+    exact_scores, exact_pos = faiss.knn(queries, x, k, faiss.METRIC_INNER_PRODUCT)
+    kth = np.array([row[ids[pos] != ids[p]][_CALIBRATION_K - 1]
+                    for row, pos, p in zip(exact_scores, exact_pos, picked)])
+
+    def recall(nprobe: int) -> float:
+        scores, found = index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        hits = [(s[(f != ids[p]) & (f >= 0)][:_CALIBRATION_K] >= t - 1e-5).sum()
+                for s, f, p, t in zip(scores, found, picked, kth)]
+        return float(np.mean(hits)) / _CALIBRATION_K
+
+    low, high = 0, 1  # recall(low) < target <= recall(high), found by doubling then bisection
+    while high < ivf.nlist and recall(high) < target:
+        low, high = high, min(ivf.nlist, 2 * high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if recall(mid) >= target else (mid, high)
+    return high
+
+
+@contextmanager
+def _faiss_threads(count: int | None) -> Iterator[None]:
+    """Sets faiss's OpenMP thread count for the calling thread only (libgomp keeps it per thread)."""
+    if count is None:
+        yield
+        return
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+def _names(modality: str | Iterable[str]) -> list[str]:
+    return [modality] if isinstance(modality, str) else list(modality)
+
+
+def _item_row(item: dict[str, Any]) -> tuple[Any, ...]:
+    unknown = set(item) - set(ITEM_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown item fields {sorted(unknown)}; known: {ITEM_FIELDS}")
+    modality = get_modality(str(item.get("modality"))).name
+    source = item.get("source")
+    if source is not None:
+        source = PureWindowsPath(str(source)).name  # drops POSIX and Windows directories alike
+    thumbnail = item.get("thumbnail")
+    return (modality, source, item.get("sha256"), _text(item.get("label")), _text(item.get("notes")),
+            None if thumbnail is None else bytes(thumbnail))
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _sample_item(sample: Sample, extra: dict[str, Any]) -> dict[str, Any]:
+    item = {"modality": sample.modality, "thumbnail": thumbnail_png(sample), **extra}
+    if item.get("sha256") is None:
+        item["sha256"] = hashlib.sha256(np.ascontiguousarray(sample.data).tobytes()).hexdigest()
+    return item
+
+
+def thumbnail_png(sample: Sample) -> bytes | None:
+    """A small PNG of the sample's preview: the image (<= 128 px) or an ECG's lead II trace."""
+    from PIL import Image, ImageDraw
+
+    preview = np.asarray(sample.preview)
+    if sample.kind == "ecg":
+        from .readers.ecg import LEADS
+
+        mask = sample.meta.get("lead_mask") or [True] * len(preview)
+        lead = LEADS.index("II") if mask[LEADS.index("II")] else next((i for i, m in enumerate(mask) if m), None)
+        if lead is None:
+            return None
+        trace = np.nan_to_num(preview[lead].astype(np.float64))
+        low, high = np.percentile(trace, [1, 99])
+        centre, half = (low + high) / 2, max((high - low) / 2, 0.5)  # at least +-0.5 mV of scale
+        width, height = THUMBNAIL_PX, 48
+        xs = np.linspace(0, width - 1, len(trace))
+        ys = (height - 1) / 2 - np.clip((trace - centre) / half, -1, 1) * (height / 2 - 2)
+        image = Image.new("RGB", (width, height), "white")
+        ImageDraw.Draw(image).line(list(zip(xs.tolist(), ys.tolist())), fill=(20, 20, 20), width=1)
+    else:
+        image = Image.fromarray(np.ascontiguousarray(preview, dtype=np.uint8))
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def _open_working_db(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, check_same_thread=False)  # guarded by the library's lock
+    db.execute("PRAGMA journal_mode=MEMORY")  # a scratch copy: rollback yes, durability no
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute(_SCHEMA)
+    return db
+
+
+def _discard_working_db(db: sqlite3.Connection, path: str) -> None:
+    db.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _backup_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.backup")
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Deletes temporary directories left by saves whose process has died."""
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            pid = int(tmp.name[len(f".{target.name}.tmp-"):].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError, OSError):
+            continue  # not ours to judge, or its process is alive
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,225 @@
+"""Evaluation: metric functions on hand-made inputs with known answers, oracle and random embeddings,
+the honesty of the few-shot supports on the real splits, and the whole evaluation (and its CLI) run end
+to end on real data with a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+import m3bind
+from train import evaluate as ev
+from train.data import load_dataset
+
+RNG = np.random.default_rng(0)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- metrics, known answers
+
+def test_auc_known_values_and_ties():
+    assert ev.auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert ev.auc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0
+    assert ev.auc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
+    assert ev.auc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5  # ties count half
+    assert np.isnan(ev.auc([0.2, 0.3], [1, 1]))  # no negatives: undefined, not a number that looks fine
+
+
+def test_rowwise_auc_matches_sklearn_on_random_rows():
+    scores = RNG.normal(size=(20, 50)).round(1)  # rounding makes ties
+    labels = RNG.random((20, 50)) < 0.3
+    expected = [roc_auc_score(y, s) for s, y in zip(scores, labels)]
+    np.testing.assert_allclose(ev.rowwise_auc(scores, labels), expected)
+
+
+def test_per_class_auc_accuracy_and_multilabel_rule():
+    targets = np.eye(3, dtype=bool)[[0, 1, 2, 0]]
+    perfect = targets.astype(float)
+    np.testing.assert_allclose(ev.per_class_auc(perfect, targets), [1, 1, 1])
+    np.testing.assert_allclose(ev.per_class_auc(-perfect, targets), [0, 0, 0])
+    scores = np.array([[0.9, 0.1, 0.0], [0.1, 0.2, 0.7], [0.0, 0.1, 0.9], [0.3, 0.6, 0.1]])
+    assert ev.top1_accuracy(scores, targets) == 0.5
+    # multi-label: a hit when the top class is any of the record's classes; records without a class are left out
+    multi = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0]], dtype=bool)
+    assert ev.top1_accuracy(np.array([[0, 0, 1], [1, 0, 0], [1, 0, 0]]), multi) == 0.5
+    m = ev.classification_metrics(perfect, targets)
+    assert m["auc"] == 1.0 and m["accuracy"] == 1.0 and m["per_class_auc"] == [1.0, 1.0, 1.0]
+
+
+def test_recall_and_precision_at_k():
+    sim = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4],
+                    [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
+    relevant = np.array([[0, 0, 1, 0, 0, 1],
+                         [0, 0, 0, 0, 0, 1]], dtype=bool)
+    hits = ev.recall_at_k(sim, relevant, (1, 2, 3))
+    np.testing.assert_array_equal(hits[1], [0, 1])
+    np.testing.assert_array_equal(hits[3], [1, 1])
+    np.testing.assert_allclose(ev.precision_at_k(sim, relevant, 3), [1 / 3, 1 / 3])
+    np.testing.assert_allclose(ev.precision_at_k(sim, relevant, 10), [2 / 6, 1 / 6])  # k beyond the library
+    out = ev.retrieval_metrics(np.eye(2), np.eye(2), np.array([[1, 0], [0, 0]], bool), (1,))
+    assert out["n_queries"] == 1 and out["R@1"] == 1.0  # a query with nothing relevant is not counted
+
+
+def test_balanced_subset_and_nested_support():
+    labels = np.array([0] * 90 + [1] * 10)
+    keep = ev.balanced_subset(labels, 20, seed=0)
+    assert len(keep) == 20 and (labels[keep] == 1).sum() == 10 and np.all(np.diff(keep) > 0)
+    np.testing.assert_array_equal(keep, ev.balanced_subset(labels, 20, seed=0))
+    assert len(ev.balanced_subset(labels, None, 0)) == 100
+    targets = np.eye(2, dtype=bool)[labels]
+    deep, shallow = ev.draw_support(targets, 16, seed=3), ev.draw_support(targets, 4, seed=3)
+    assert {c: len(i) for c, i in deep.items()} == {0: 16, 1: 10}  # a class with fewer items gives what it has
+    for c in deep:
+        np.testing.assert_array_equal(deep[c][:4], shallow[c])  # k=4 is inside k=16 for one seed
+        assert targets[deep[c], c].all()
+    assert not np.array_equal(ev.draw_support(targets, 16, seed=4)[0], deep[0])
+
+
+# --------------------------------------------------------------------------- oracle and random embeddings
+
+def oracle_data(n_per_class=50, classes=3, dim=16, noise=0.05):
+    directions = unit(RNG.normal(size=(classes, dim)))
+    labels = np.repeat(np.arange(classes), n_per_class)
+    emb = unit(directions[labels] + noise * RNG.normal(size=(len(labels), dim)))
+    return directions, labels, emb
+
+
+def test_oracle_embeddings_score_perfectly_and_random_ones_at_chance():
+    directions, labels, emb = oracle_data()
+    targets = np.eye(3, dtype=bool)[labels]
+    for multi_label in (False, True):
+        scores = ev.zero_shot_scores(emb, directions, multi_label, logit_scale=50.0)
+        m = ev.classification_metrics(scores, targets)
+        assert m["auc"] == 1.0 and m["accuracy"] == 1.0
+    relevant = targets.T  # query c (the class direction) is relevant to the items of class c
+    r = ev.retrieval_metrics(directions, emb, relevant, (1, 5, 10))
+    assert r["R@1"] == r["R@10"] == 1.0
+    # cross-modal: two "modalities" whose normal and abnormal items share two directions of one space
+    status_directions, status_a, emb_a = oracle_data(classes=2)
+    status_b = RNG.permutation(status_a)
+    emb_b = unit(status_directions[status_b] + 0.05 * RNG.normal(size=emb_a.shape))
+    cm = ev.cross_modal_metrics(emb_a, status_a, emb_b, status_b, k=10)
+    assert cm["auc"] == 1.0 and cm["p@10"] == 1.0
+
+    noise = unit(RNG.normal(size=(2000, 16)))
+    random_labels = RNG.integers(0, 3, 2000)
+    m = ev.classification_metrics(ev.zero_shot_scores(noise, directions, False, 50.0),
+                                  np.eye(3, dtype=bool)[random_labels])
+    assert abs(m["auc"] - 0.5) < 0.05 and abs(m["accuracy"] - 1 / 3) < 0.05
+    cm = ev.cross_modal_metrics(noise[:300], random_labels[:300] == 0, noise[300:900], random_labels[300:900] > 0)
+    assert abs(cm["auc"] - 0.5) < 0.05 and abs(cm["p@10"] - cm["chance_p@10"]) < 0.05
+
+
+# --------------------------------------------------------------------------- honesty on the real splits
+
+@pytest.mark.parametrize("name,modality", [("pneumoniamnist", "xray"), ("covid_cxr", "xray"),
+                                           ("ptbxl", "ecg"), ("retinamnist", "retina")])
+def test_few_shot_support_comes_from_train_and_never_from_test(shared_data, name, modality):
+    train = ev.load_eval_set(name, modality, "train", shared_data)
+    test = ev.load_eval_set(name, modality, "test", shared_data)
+    assert train.pairs and test.pairs and {p.split for p in train.pairs} == {"train"}
+    test_ids = {p.item_id for p in test.pairs}
+    for seed in range(5):
+        support = ev.draw_support(train.targets, 16, seed)
+        chosen = [train.pairs[i] for idx in support.values() for i in idx]
+        assert not {p.item_id for p in chosen} & test_ids
+        ev.check_disjoint(chosen, test.pairs)
+    with pytest.raises(RuntimeError, match="overlaps"):
+        ev.check_disjoint(test.pairs[:3], test.pairs)
+
+
+def test_abnormal_status_rules_on_real_labels(shared_data):
+    ecg = ev.load_eval_set("ptbxl", "ecg", "test", shared_data)
+    status = ev.abnormal_status(ecg, ev.NORMAL_CLASS["ecg"][1])
+    for pair, s in zip(ecg.pairs, status):
+        assert s == (-1 if not pair.targets else 0 if pair.targets == (0,) else 1)  # NORM alone is normal
+    breast = ev.load_eval_set("breastmnist", "ultrasound", "test", shared_data)
+    status = ev.abnormal_status(breast, ev.NORMAL_CLASS["ultrasound"][1])
+    np.testing.assert_array_equal(status, [1 if p.label == 0 else 0 for p in breast.pairs])  # 0 = malignant
+
+
+# --------------------------------------------------------------------------- end to end, tiny model, real data
+
+@pytest.fixture(scope="module")
+def tiny_teachers(tiny_config):
+    """Unbound counterparts: one tower each, their own (differently initialised) text projection."""
+    import torch
+
+    teachers = {}
+    for i, modality in enumerate(("xray", "ecg")):
+        torch.manual_seed(100 + i)
+        cfg = m3bind.ModelConfig(name=f"tiny-{modality}", dim=tiny_config.dim,
+                                 towers={modality: tiny_config.towers[modality]},
+                                 modality_towers={modality: modality})
+        teachers[modality] = m3bind.M3BindModel(cfg)
+    return teachers
+
+
+def test_compare_end_to_end_on_real_data(tiny_model, tiny_teachers, shared_data):
+    results = ev.compare(tiny_model, tiny_teachers, data_root=shared_data, config=ev.QUICK)
+    json.dumps(results, allow_nan=False)  # plain JSON
+    bound = results["bound"]
+    assert bound["split"] == "test" and set(bound["model"]["modalities"]) == {"xray", "ct", "retina", "ecg"}
+    assert set(bound["zero_shot"]) == {"pneumoniamnist/xray", "covid_cxr/xray", "covid_cxr/ct", "retinamnist/retina",
+                                       "ptbxl/ecg"}
+    assert "skipped" in bound["zero_shot"]["covid_cxr/ct"]  # one class among its test items
+    for key in ("pneumoniamnist/xray", "retinamnist/retina", "ptbxl/ecg"):
+        z = bound["zero_shot"][key]
+        assert z["n"] <= ev.QUICK.max_test and 0 <= z["auc"] <= 1 and 0 <= z["accuracy"] <= 1
+        f = bound["few_shot"][key]
+        for method in ev.FEW_SHOT_METHODS:
+            assert set(f[method]) == {"1", "4"}
+            for stats in f[method].values():
+                assert 0 <= stats["auc_mean"] <= 1 and stats["auc_std"] >= 0 and 0 <= stats["accuracy_mean"] <= 1
+    assert len(bound["zero_shot"]["ptbxl/ecg"]["per_class_auc"]) == 5
+    assert bound["few_shot"]["pneumoniamnist/xray"]["support_items"] == {"1": 2.0, "4": 8.0}
+
+    r = bound["retrieval"]["all"]
+    assert r["n_queries"] > 0 and all(0 <= r[f"R@{k}"] <= 1 for k in (1, 5, 10))
+    assert r["R@1"] <= r["R@5"] <= r["R@10"]
+    assert set(bound["retrieval"]["per_modality"]) == {"xray", "ct", "retina", "ecg"}
+
+    cm = bound["cross_modal"]
+    assert set(cm["pairs"]) == {f"{a}->{b}" for a in ("xray", "retina", "ecg") for b in ("xray", "retina", "ecg")
+                                if a != b}
+    assert cm["mean"]["n_pairs"] == 6 and 0 <= cm["mean"]["auc"] <= 1 and 0 < cm["mean"]["chance_p@10"] < 1
+
+    assert set(results["counterparts"]) == {"xray", "ecg"}
+    xray = results["counterparts"]["xray"]
+    assert set(xray["zero_shot"]) == {"pneumoniamnist/xray", "covid_cxr/xray"} and "cross_modal" not in xray
+    # the counterpart scores exactly the bound model's items
+    assert xray["sets"]["pneumoniamnist/xray"] == bound["sets"]["pneumoniamnist/xray"]
+    assert set(results["unbound_cross_modal"]["pairs"]) == {"xray->ecg", "ecg->xray"}
+
+    table = ev.markdown_table(results)
+    for heading in ("Zero-shot", "Few-shot", "Text-to-image", "Cross-modal"):
+        assert heading in table
+    assert "AUC counterpart" in table and "AUC unbound" in table and "| xray->ecg |" in table
+
+
+def test_evaluation_is_deterministic_and_refuses_the_train_split(tiny_model, shared_data):
+    run = lambda: ev.evaluate(tiny_model, ["zero_shot", "few_shot"], shared_data, config=ev.QUICK,  # noqa: E731
+                              modalities=["xray"])
+    assert run()["few_shot"] == run()["few_shot"]
+    with pytest.raises(ValueError, match="train"):
+        ev.evaluate(tiny_model, ["zero_shot"], shared_data, split="train")
+    with pytest.raises(ValueError, match="suite"):
+        ev.evaluate(tiny_model, ["nonsense"], shared_data)
+
+
+def test_cli_writes_json_and_prints_the_table(tiny_model, tiny_teachers, shared_data, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "bound")
+    tiny_teachers["ecg"].save_pretrained(tmp_path / "ecg")
+    out = tmp_path / "results.json"
+    assert ev.main(["--model", str(tmp_path / "bound"), "--teachers", str(tmp_path / "ecg"), "--quick",
+                    "--data-root", str(shared_data), "--suites", "zero_shot", "cross_modal",
+                    "--out", str(out), "--device", "cpu"]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["counterparts"]) == {"ecg"} and "few_shot" not in results["bound"]
+    assert "### Zero-shot" in capsys.readouterr().out

@@ -1,0 +1,201 @@
+"""Hostile and broken image/DICOM inputs: each one a clear ``InputError``, fast, and without big allocations."""
+
+from __future__ import annotations
+
+import struct
+import time
+import tracemalloc
+import zlib
+from io import BytesIO
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+import m3bind
+from m3bind.readers import dicom, ecg, image  # noqa: F401  (imported here, not inside the timed calls)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _dicom_path(name: str) -> str:
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"pydicom test file {name} is not installed"
+    return path
+
+
+def _dicom_bytes(name: str) -> bytes:
+    with open(_dicom_path(name), "rb") as f:
+        return f.read()
+
+
+def _edited(name: str, edit: Callable[[pydicom.Dataset], None]) -> bytes:
+    """A real DICOM file changed in memory and written back to bytes."""
+    ds = pydicom.dcmread(_dicom_path(name))
+    edit(ds)
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _image(fmt: str, mode: str = "RGB", size: tuple[int, int] = (64, 48), **options) -> bytes:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(pixels).convert(mode)
+    buffer = BytesIO()
+    img.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _png(width: int, height: int, idat: bytes) -> bytes:
+    """A PNG whose chunks all carry valid CRCs, so only what we forged is wrong."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return (PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat)
+            + _png_chunk(b"IEND", b""))
+
+
+def _gif_bomb() -> bytes:
+    side = 65535
+    screen = struct.pack("<HHBBB", side, side, 0, 0, 0)
+    descriptor = b"," + struct.pack("<HHHHB", 0, 0, side, side, 0)
+    return b"GIF89a" + screen + descriptor + b"\x02\x02\x4c\x01\x00;"
+
+
+def _tiff_bomb() -> bytes:
+    side = 100_000
+    entries = [(256, 4, side), (257, 4, side), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 0),
+               (277, 3, 1), (278, 4, side), (279, 4, 16)]
+    data_offset = 8 + 2 + 12 * len(entries) + 4
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHII", tag, kind, 1, data_offset if tag == 273 else value) for tag, kind, value in entries)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + bytes(16)
+
+
+def _float_tiff_with_nan() -> bytes:
+    values = np.ones((16, 16), np.float32)
+    values[4, 4] = np.nan
+    buffer = BytesIO()
+    Image.fromarray(values, "F").save(buffer, "TIFF")
+    return buffer.getvalue()
+
+
+def _set(**attributes) -> Callable[[pydicom.Dataset], None]:
+    def edit(ds: pydicom.Dataset) -> None:
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+    return edit
+
+
+def _drop_pixel_data(ds: pydicom.Dataset) -> None:
+    del ds.PixelData
+
+
+def _short_pixel_data(ds: pydicom.Dataset) -> None:
+    ds.PixelData = ds.PixelData[:1000]
+
+
+def _declared_rle() -> bytes:
+    """CT_small whose file meta claims RLE compression while its pixel data stays native (same UID length)."""
+    data = _dicom_bytes("CT_small.dcm")
+    assert data.count(b"1.2.840.10008.1.2.1\x00") == 1
+    return data.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2.5\x00")
+
+
+def _short_waveform(ds: pydicom.Dataset) -> None:
+    for group in ds.WaveformSequence:
+        group.WaveformData = group.WaveformData[:2000]
+
+
+# id -> (builder(tmp_path) -> (source, load_input kwargs), expected error class)
+CASES: dict[str, tuple[Callable[[Path], tuple[object, dict]], type[m3bind.InputError]]] = {
+    "empty-bytes": (lambda p: (b"", {}), m3bind.CorruptFileError),
+    "random-bytes": (lambda p: (np.random.default_rng(1).bytes(4096), {}), m3bind.UnsupportedFormatError),
+    "text-named-png": (lambda p: (b"patient list\nnot an image\n", {"name": "scan.png"}),
+                       m3bind.UnsupportedFormatError),
+    "text-named-dcm": (lambda p: (b"this is a plain text note, not a DICOM file\n" * 20, {"name": "scan.dcm"}),
+                       m3bind.UnsupportedFormatError),
+    "png-signature-only": (lambda p: (PNG_SIGNATURE, {}), m3bind.CorruptFileError),
+    "png-truncated": (lambda p: (_half(_image("PNG")), {}), m3bind.CorruptFileError),
+    "png-forged-100000x100000": (lambda p: (_png(100_000, 100_000, zlib.compress(bytes(101))), {}),
+                                 m3bind.InputTooLargeError),
+    "png-zero-width": (lambda p: (_png(0, 10, zlib.compress(bytes(10))), {}), m3bind.CorruptFileError),
+    "png-corrupt-zlib": (lambda p: (_png(16, 16, b"\x78\x9c" + bytes(range(7, 250, 3))), {}),
+                         m3bind.CorruptFileError),
+    "jpeg-truncated": (lambda p: (_half(_image("JPEG")), {}), m3bind.CorruptFileError),
+    "tiff-truncated": (lambda p: (_half(_image("TIFF")), {}), m3bind.CorruptFileError),
+    "tiff-forged-100000x100000": (lambda p: (_tiff_bomb(), {}), m3bind.InputTooLargeError),
+    "tiff-float-nan": (lambda p: (_float_tiff_with_nan(), {}), m3bind.CorruptFileError),
+    "gif-forged-65535x65535": (lambda p: (_gif_bomb(), {}), m3bind.InputTooLargeError),
+    "gif-truncated": (lambda p: (_image("GIF", size=(200, 150))[:300], {}), m3bind.CorruptFileError),
+    "bmp-truncated": (lambda p: (_half(_image("BMP")), {}), m3bind.CorruptFileError),
+    "webp-truncated": (lambda p: (_half(_image("WEBP")), {}), m3bind.CorruptFileError),
+    "dicom-truncated": (lambda p: (_half(_dicom_bytes("CT_small.dcm")), {}), m3bind.CorruptFileError),
+    "dicom-truncated-jpeg2000": (lambda p: (_dicom_bytes("examples_jpeg2k.dcm")[:-5000], {}),
+                                 m3bind.CorruptFileError),
+    "dicom-preamble-then-garbage": (lambda p: (bytes(128) + b"DICM" + b"\xff" * 300, {}), m3bind.CorruptFileError),
+    "dicom-missing-pixel-data": (lambda p: (_edited("CT_small.dcm", _drop_pixel_data), {}),
+                                 m3bind.CorruptFileError),
+    "dicom-absurd-rows-columns": (lambda p: (_edited("CT_small.dcm", _set(Rows=65535, Columns=65535)), {}),
+                                  m3bind.InputTooLargeError),
+    "dicom-absurd-frame-count": (lambda p: (_edited("CT_small.dcm", _set(NumberOfFrames=10_000_000)), {}),
+                                 m3bind.InputTooLargeError),
+    "dicom-zero-rows": (lambda p: (_edited("CT_small.dcm", _set(Rows=0)), {}), m3bind.CorruptFileError),
+    "dicom-short-pixel-data": (lambda p: (_edited("CT_small.dcm", _short_pixel_data), {}),
+                               m3bind.CorruptFileError),
+    "dicom-bits-allocated-12": (lambda p: (_edited("CT_small.dcm", _set(BitsAllocated=12)), {}),
+                                m3bind.CorruptFileError),
+    "dicom-samples-per-pixel-2": (lambda p: (_edited("CT_small.dcm", _set(SamplesPerPixel=2)), {}),
+                                  m3bind.CorruptFileError),
+    "dicom-unknown-photometric": (lambda p: (_edited("CT_small.dcm", _set(PhotometricInterpretation="HSV")), {}),
+                                  m3bind.UnsupportedFormatError),
+    "dicom-native-data-declared-rle": (lambda p: (_declared_rle(), {}), m3bind.CorruptFileError),
+    "dicom-broken-jpeg-stream": (lambda p: (_dicom_bytes("JPEG-lossy.dcm"), {}), m3bind.CorruptFileError),
+    "dicom-waveform-data-short": (lambda p: (_edited("waveform_ecg.dcm", _short_waveform), {}),
+                                  m3bind.CorruptFileError),
+    "nonexistent-path": (lambda p: (p / "missing.png", {}), m3bind.InputError),
+    "directory-path": (lambda p: (p, {}), m3bind.InputError),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malformed_input_raises_a_clear_input_error(case: str, tmp_path: Path) -> None:
+    build, expected = CASES[case]
+    source, kwargs = build(tmp_path)
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(m3bind.InputError) as info:
+            m3bind.load_input(source, **kwargs)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    elapsed = time.perf_counter() - start
+    assert isinstance(info.value, expected), f"{type(info.value).__name__}: {info.value}"
+    message = str(info.value)
+    assert len(message) >= 15 and " " in message
+    assert "Traceback" not in message and "<_io" not in message and "0x" not in message
+    assert elapsed < 5.0, f"took {elapsed:.1f} s"
+    assert peak < 64 * 2**20, f"allocated {peak / 2**20:.0f} MB while refusing the input"
+
+
+def test_at_least_twenty_distinct_cases() -> None:
+    assert len(CASES) >= 20
+
+
+def test_png_named_dcm_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "photo.dcm"
+    path.write_bytes(_image("PNG"))
+    sample = m3bind.load_input(path)
+    assert sample.meta["format"] == "png" and sample.data.shape == (48, 64, 3)
+

@@ -1,0 +1,177 @@
+"""The whole M3Bind training run from one YAML config: teachers -> stage 1 -> stage 2 -> export.
+
+    python -m train.pipeline --config train/configs/default.yaml
+
+Every stage saves its models (library format) under ``run_dir`` when it completes; a rerun with the
+same config loads completed stages instead of training them again, so an interrupted run resumes at
+the stage it was in. Runs are deterministic given ``seed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from m3bind import M3BindModel, TextTowerConfig, load_model
+from m3bind.config import EcgTowerConfig, ImageTowerConfig
+
+from .captions import modality_texts, shared_text_corpus
+from .stages import (
+    ModalityData, StageConfig, align, bind, distill, load_modality_data, new_teacher, text_only_model, train_teacher,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class ModalityPlan:
+    datasets: list[str]
+    tower: ImageTowerConfig | EcgTowerConfig
+    max_items: int | None = None
+    trainable_fraction: float = 1.0  # share of a pretrained trunk's parameter tensors that train
+
+
+@dataclass
+class PipelineConfig:
+    name: str
+    run_dir: Path
+    export_dir: Path
+    modalities: dict[str, ModalityPlan]
+    dim: int = 256
+    seed: int = 0
+    data_root: str | None = None
+    threads: int | None = None
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    teacher: StageConfig = field(default_factory=StageConfig)
+    align: StageConfig = field(default_factory=StageConfig)
+    distill: StageConfig = field(default_factory=StageConfig)
+    shared_texts: int = 4000  # size of the shared text corpus of stage 1
+    evaluate: bool = True
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "PipelineConfig":
+        raw = {**yaml.safe_load(Path(path).read_text()), **{k: v for k, v in overrides.items() if v is not None}}
+        modalities = {}
+        for name, plan in raw.pop("modalities").items():
+            tower = dict(plan.pop("tower", {}))
+            tower_cls = EcgTowerConfig if tower.get("kind") == "ecg" else ImageTowerConfig
+            modalities[name] = ModalityPlan(tower=tower_cls(**tower), **plan)
+        stages = {k: StageConfig(**raw.pop(k, {})) for k in ("teacher", "align", "distill")}
+        return cls(run_dir=REPO / raw.pop("run_dir"), export_dir=REPO / raw.pop("export_dir"),
+                   modalities=modalities, text=TextTowerConfig(**raw.pop("text", {})), **stages, **raw)
+
+
+def _stage_done(directory: Path) -> bool:
+    return (directory / "DONE").is_file()
+
+
+def _save_stage(models: dict[str, M3BindModel], directory: Path, seconds: float) -> None:
+    for name, model in models.items():
+        model.save_pretrained(directory / name)
+    (directory / "DONE").write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
+
+
+def _load_stage(directory: Path, names: list[str]) -> dict[str, M3BindModel]:
+    return {name: load_model(directory / name, device="cpu") for name in names}
+
+
+def run(cfg: PipelineConfig) -> M3BindModel:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.time()
+    timings: dict[str, float] = {}
+    names = list(cfg.modalities)
+
+    teachers = {m: new_teacher(m, plan.tower, cfg.dim, cfg.text, cfg.seed + i)
+                for i, (m, plan) in enumerate(cfg.modalities.items())}
+    data: dict[str, ModalityData] = {
+        m: load_modality_data(teachers[m], m, plan.datasets, "train", cfg.data_root, plan.max_items, cfg.seed)
+        for m, plan in cfg.modalities.items()}
+    timings["decode"] = time.time() - started
+
+    stage_dir = cfg.run_dir / "teachers"
+    if _stage_done(stage_dir):
+        teachers = _load_stage(stage_dir, names)
+    else:
+        t0 = time.time()
+        for i, m in enumerate(names):
+            train_teacher(teachers[m], data[m], cfg.teacher, cfg.seed + i, cfg.modalities[m].trainable_fraction)
+        _save_stage(teachers, stage_dir, time.time() - t0)
+    timings["teachers"] = time.time() - started - sum(timings.values())
+
+    stage_dir = cfg.run_dir / "aligned"
+    if _stage_done(stage_dir):
+        aligned = _load_stage(stage_dir, names)
+    else:
+        t0 = time.time()
+        shared = shared_text_corpus(cfg.data_root, max_per_source=max(1, cfg.shared_texts // 5), seed=cfg.seed)
+        aligned = align({m: copy.deepcopy(t) for m, t in teachers.items()}, data, shared, cfg.align, cfg.seed)
+        _save_stage(aligned, stage_dir, time.time() - t0)
+    timings["align"] = time.time() - started - sum(timings.values())
+
+    stage_dir = cfg.run_dir / "student"
+    if _stage_done(stage_dir):
+        student = _load_stage(stage_dir, ["text"])["text"]
+    else:
+        t0 = time.time()
+        texts = {m: sorted({t for caps in data[m].captions for t in caps} | set(modality_texts(m, cfg.data_root)))
+                 for m in names}
+        student = text_only_model(cfg.text, cfg.dim, f"{cfg.name}-student", cfg.seed)
+        distill(student, aligned, texts, cfg.distill, cfg.seed)
+        _save_stage({"text": student}, stage_dir, time.time() - t0)
+    timings["distill"] = time.time() - started - sum(timings.values())
+
+    bound = bind(aligned, student, cfg.name)
+    card = model_card(cfg, timings)
+    bound.save_pretrained(cfg.export_dir, card=card)
+    if cfg.evaluate:
+        from .evaluate import evaluate_run
+
+        evaluate_run(bound, teachers, cfg)
+    return bound
+
+
+def model_card(cfg: PipelineConfig, timings: dict[str, float]) -> str:
+    rows = "\n".join(f"| {m} | {', '.join(p.datasets)} | {type(p.tower).__name__} |" for m, p in cfg.modalities.items())
+    took = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+    return f"""# {cfg.name}
+
+An M3Bind model trained by `python -m train.pipeline` (config `{cfg.name}`): one tower per modality and one
+unified text encoder in a shared {cfg.dim}-d space, bound through shared text (teachers, stage 1 alignment,
+stage 2 distillation). **A demonstration model, not a clinical device.** It saw small public datasets
+(the training splits only) and must not be used for diagnosis.
+
+| modality | training data (train split) | tower |
+|---|---|---|
+{rows}
+
+Text base: `{cfg.text.source}` (referenced, not copied). Training time on this run's machine: {took}.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(REPO / "train" / "configs" / "default.yaml"))
+    parser.add_argument("--run-dir", help="where stage checkpoints go (resumes from it)")
+    parser.add_argument("--export-dir", help="where the final model directory goes")
+    parser.add_argument("--data-root")
+    args = parser.parse_args(argv)
+    cfg = PipelineConfig.from_yaml(args.config, data_root=args.data_root)
+    if args.run_dir:
+        cfg.run_dir = Path(args.run_dir)
+    if args.export_dir:
+        cfg.export_dir = Path(args.export_dir)
+    run(cfg)
+    print(f"model written to {cfg.export_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""The three training stages of M3Bind, each a function over ``m3bind.M3BindModel`` teachers.
+
+0. ``train_teacher``: one CLIP-like model per modality (its tower + its own text tower), class-aware
+   contrastive loss on that modality's (sample, caption) pairs. Teachers start from the same text base
+   but each gets its own randomly initialised projection: their text spaces are unrelated, as with
+   independently published modality CLIPs.
+1. ``align``: every teacher keeps its own contrastive loss and additionally minimises the pairwise MSE
+   between the teachers' embeddings of one shared text batch. Parameter-efficient: the text body stays
+   frozen except for optional LoRA adapters (peft) on the attention query/value projections of its top
+   ``lora_layers`` layers; the projections and the image/ECG towers' upper parts train.
+2. ``distill``: one student text encoder learns to reproduce each aligned teacher's text embeddings on
+   that modality's texts; it then serves every modality.
+
+While a text body is frozen its pooled sentence vectors are cached (``TextFeatures``), which is what
+makes the CPU budget possible.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Hashable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from m3bind import M3BindModel, ModelConfig, Sample, TextTowerConfig
+from m3bind.config import EcgTowerConfig, ImageTowerConfig
+
+from .data import load_dataset
+from .losses import class_aware_contrastive, distillation, pairwise_alignment
+
+
+# ----------------------------------------------------------------------------------------------- data
+@dataclass
+class ModalityData:
+    """One modality's training pairs, decoded and preprocessed once, held in memory."""
+
+    modality: str
+    inputs: torch.Tensor  # (N, ...) tower-ready tensors (float16 to halve memory)
+    captions: list[tuple[str, ...]]
+    keys: list[Hashable]  # class key per item: items sharing a key are positives of each other
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def batches(self, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, list[str], list]]:
+        """Endless shuffled batches with one randomly drawn caption per item."""
+        while True:
+            order = rng.permutation(len(self))
+            for start in range(0, len(order) - batch_size + 1, batch_size):
+                idx = order[start:start + batch_size]
+                texts = [self.captions[i][rng.integers(len(self.captions[i]))] for i in idx]
+                yield self.inputs[idx].float(), texts, [self.keys[i] for i in idx]
+
+
+def load_modality_data(model: M3BindModel, modality: str, datasets: Sequence[str], split: str,
+                       data_root: str | None, max_items: int | None = None, seed: int = 0) -> ModalityData:
+    inputs, captions, keys = [], [], []
+    for name in datasets:
+        ds = load_dataset(name, split, data_root=data_root, seed=seed)
+        pairs = [p for p in ds.pairs if p.modality == modality]
+        if max_items is not None and len(pairs) > max_items:
+            keep = np.random.default_rng(seed).choice(len(pairs), max_items, replace=False)
+            pairs = [pairs[i] for i in sorted(keep)]
+        for pair in tqdm(pairs, desc=f"decode {name}/{modality}/{split}", leave=False):
+            inputs.append(model.preprocess(pair.load()).half())
+            captions.append(pair.texts)
+            keys.append((name, pair.targets or (pair.label,)))
+    if not inputs:
+        raise ValueError(f"No {split} pairs of modality {modality!r} in {list(datasets)}.")
+    return ModalityData(modality, torch.stack(inputs), captions, keys)
+
+
+def augment(batch: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Label-preserving jitter: small crops and contrast for images; gain, shift and noise for ECGs."""
+    n = batch.shape[0]
+    if kind == "ecg":
+        signal, mask = batch[:, :12], batch[:, 12:]
+        gain = 1 + 0.15 * torch.randn(n, 1, 1, generator=generator)
+        shift = int(torch.randint(-50, 51, (1,), generator=generator))
+        signal = torch.roll(signal * gain, shift, dims=-1) + 0.02 * torch.randn(signal.shape, generator=generator)
+        return torch.cat([signal * mask, mask], dim=1)
+    size = batch.shape[-1]
+    scale = float(torch.empty(1).uniform_(0.8, 1.0, generator=generator))
+    crop = max(8, int(size * scale))
+    y0, x0 = (int(torch.randint(0, size - crop + 1, (1,), generator=generator)) for _ in range(2))
+    out = F.interpolate(batch[:, :, y0:y0 + crop, x0:x0 + crop], size=(size, size), mode="bilinear",
+                        align_corners=False)
+    contrast = 1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=generator) - 0.5)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return ((out - mean) * contrast + mean).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------- text
+class TextFeatures:
+    """Pooled sentence vectors of a frozen text body, computed once per distinct text."""
+
+    def __init__(self, model: M3BindModel, batch_size: int = 128):
+        self.model = model
+        self.batch_size = batch_size
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            tokens = self.model.text.tokenize(chunk)
+            for text, vec in zip(chunk, self.model.text.pool(tokens)):
+                self.cache[text] = vec
+        return torch.stack([self.cache[t] for t in texts])
+
+
+def text_embeddings(model: M3BindModel, texts: Sequence[str], cache: TextFeatures | None) -> torch.Tensor:
+    """Unit-norm text embeddings with gradients to whatever part of the text tower trains."""
+    if cache is not None:
+        return F.normalize(model.text.proj(cache(texts)), dim=-1)
+    return model.encode_text(list(texts))
+
+
+def add_lora(model: M3BindModel, rank: int, layers: int) -> None:
+    """LoRA adapters (peft) on the query/value projections of the text body's top ``layers`` layers."""
+    from peft import LoraConfig, get_peft_model
+
+    total = model.text.model.config.num_hidden_layers
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["query", "value"],
+                        layers_to_transform=list(range(total - layers, total)))
+    model.text.model = get_peft_model(model.text.model, config)
+
+
+def merge_lora(model: M3BindModel) -> None:
+    if hasattr(model.text.model, "merge_and_unload"):
+        model.text.model = model.text.model.merge_and_unload()
+
+
+def freeze_text_body(model: M3BindModel) -> None:
+    for p in model.text.model.parameters():
+        p.requires_grad_(False)
+
+
+def freeze_tower_bottom(model: M3BindModel, modality: str, trainable_fraction: float) -> None:
+    """Train only the top ``trainable_fraction`` of a pretrained trunk's parameter tensors (and its head)."""
+    tower = model.tower_for(modality)
+    trunk = getattr(getattr(tower, "visual", None), "trunk", None)
+    if trunk is None or trainable_fraction >= 1:
+        return
+    params = list(trunk.parameters())
+    for p in params[: int(len(params) * (1 - trainable_fraction))]:
+        p.requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+@dataclass
+class StageConfig:
+    steps: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    tower_lr: float = 3e-4
+    weight_decay: float = 1e-4
+    lora_rank: int = 8
+    lora_layers: int = 0  # 0 keeps the text body frozen (its features cached)
+    align_weight: float = 1.0  # stage 1: weight of the pairwise text alignment loss
+    shared_batch: int = 64  # stage 1: shared texts per step
+    extra: dict = field(default_factory=dict)
+
+
+def new_teacher(modality: str, tower: ImageTowerConfig | EcgTowerConfig, dim: int, text: TextTowerConfig,
+                seed: int) -> M3BindModel:
+    torch.manual_seed(seed)
+    config = ModelConfig(name=f"teacher-{modality}", dim=dim, text=copy.deepcopy(text),
+                         towers={modality: copy.deepcopy(tower)}, modality_towers={modality: modality})
+    return M3BindModel(config)
+
+
+def _optimizer(model: M3BindModel, modality: str, log_scale: nn.Parameter, cfg: StageConfig) -> torch.optim.Optimizer:
+    tower_params = [p for p in model.tower_for(modality).parameters() if p.requires_grad]
+    tower_ids = {id(p) for p in tower_params}
+    other = [p for p in model.parameters() if p.requires_grad and id(p) not in tower_ids]
+    return torch.optim.AdamW([{"params": tower_params, "lr": cfg.tower_lr}, {"params": other + [log_scale]}],
+                             lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+class _ModalityRun:
+    """One teacher's training state inside a stage: data, optimiser, temperature, text cache."""
+
+    def __init__(self, model: M3BindModel, data: ModalityData, cfg: StageConfig, seed: int):
+        self.model, self.data, self.cfg = model, data, cfg
+        self.kind = "ecg" if data.inputs.dim() == 3 else "image"
+        self.cache = TextFeatures(model) if cfg.lora_layers == 0 else None
+        self.log_scale = nn.Parameter(torch.tensor(math.log(model.config.logit_scale)))
+        self.optimizer = _optimizer(model, data.modality, self.log_scale, cfg)
+        self.scheduler = _schedule(self.optimizer, cfg.steps)
+        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches = data.batches(min(cfg.batch_size, len(data)), self.rng)
+
+    def contrastive_loss(self) -> torch.Tensor:
+        inputs, texts, keys = next(self.batches)
+        image = self.model.encode(self.data.modality, augment(inputs, self.kind, self.generator))
+        text = text_embeddings(self.model, texts, self.cache)
+        return class_aware_contrastive(image, text, keys, self.log_scale.exp().clamp(max=100))
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], 5.0)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def finish(self) -> None:
+        self.model.config.logit_scale = float(self.log_scale.detach().exp().clamp(max=100))
+        self.model.eval()
+
+
+def train_teacher(model: M3BindModel, data: ModalityData, cfg: StageConfig, seed: int = 0,
+                  trainable_fraction: float = 1.0) -> M3BindModel:
+    freeze_text_body(model)
+    freeze_tower_bottom(model, data.modality, trainable_fraction)
+    model.train()
+    run = _ModalityRun(model, data, cfg, seed)
+    for _ in tqdm(range(cfg.steps), desc=f"teacher {data.modality}"):
+        run.step(run.contrastive_loss())
+    run.finish()
+    return model
+
+
+def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], shared_texts: Sequence[str],
+          cfg: StageConfig, seed: int = 0) -> dict[str, M3BindModel]:
+    """Stage 1: own contrastive loss per teacher + pairwise MSE of their text embeddings of shared texts."""
+    runs = {}
+    for i, (modality, model) in enumerate(teachers.items()):
+        freeze_text_body(model)
+        if cfg.lora_layers:
+            add_lora(model, cfg.lora_rank, cfg.lora_layers)
+        model.train()
+        runs[modality] = _ModalityRun(model, data[modality], cfg, seed + i)
+    rng = np.random.default_rng(seed)
+    progress = tqdm(range(cfg.steps), desc="stage 1 align")
+    for _ in progress:
+        shared = [shared_texts[i] for i in rng.choice(len(shared_texts), cfg.shared_batch, replace=False)]
+        own = sum(run.contrastive_loss() for run in runs.values())
+        aligned = pairwise_alignment([text_embeddings(r.model, shared, r.cache) for r in runs.values()])
+        loss = own + cfg.align_weight * aligned
+        for run in runs.values():
+            run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for run in runs.values():
+            torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], 5.0)
+            run.optimizer.step()
+            run.scheduler.step()
+        progress.set_postfix(contrastive=own.item() / len(runs), align=aligned.item())
+    for run in runs.values():
+        merge_lora(run.model)
+        run.finish()
+    return teachers
+
+
+def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[str, Sequence[str]],
+            cfg: StageConfig, seed: int = 0) -> M3BindModel:
+    """Stage 2: the student's text embeddings reproduce each teacher's on that modality's texts."""
+    targets = {m: torch.from_numpy(teachers[m].embed_text(list(texts[m]))) for m in teachers}
+    freeze_text_body(student)
+    if cfg.lora_layers:
+        add_lora(student, cfg.lora_rank, cfg.lora_layers)
+    student.train()
+    cache = TextFeatures(student) if cfg.lora_layers == 0 else None
+    params = [p for p in student.text.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = _schedule(optimizer, cfg.steps)
+    rng = np.random.default_rng(seed)
+    progress = tqdm(range(cfg.steps), desc="stage 2 distill")
+    for _ in progress:
+        loss = 0.0
+        for modality, target in targets.items():
+            idx = rng.choice(len(target), min(cfg.batch_size, len(target)), replace=False)
+            batch = [texts[modality][i] for i in idx]
+            loss = loss + distillation(text_embeddings(student, batch, cache), target[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        progress.set_postfix(distill=loss.item() / len(targets))
+    merge_lora(student)
+    student.eval()
+    return student
+
+
+def bind(teachers: dict[str, M3BindModel], student: M3BindModel, name: str) -> M3BindModel:
+    """One model: every teacher's aligned tower and the student's text tower."""
+    first = next(iter(teachers.values()))
+    towers = {m: t.config.towers[m] for m, t in teachers.items()}
+    config = ModelConfig(name=name, dim=first.config.dim, text=copy.deepcopy(student.config.text),
+                         towers=copy.deepcopy(towers), modality_towers={m: m for m in towers},
+                         logit_scale=float(np.mean([t.config.logit_scale for t in teachers.values()])))
+    return M3BindModel(config, text=student.text, towers={m: t.towers[m] for m, t in teachers.items()}).eval()
+
+
+def text_only_model(text: TextTowerConfig, dim: int, name: str, seed: int) -> M3BindModel:
+    """A model with only a text tower: the stage 2 student before it is bound to the towers."""
+    torch.manual_seed(seed)
+    return M3BindModel(ModelConfig(name=name, dim=dim, text=copy.deepcopy(text)))
