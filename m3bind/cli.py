@@ -161,10 +161,11 @@ def _search(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError("Give either a text query or --file FILE, not both.")
     if args.k < 1:
         raise InputError("-k must be at least 1.")
+    sample = load_input(args.file) if args.file is not None else None
     model = _model(args)
     with Library.load(args.library, model.fingerprint) as library:
-        if args.file is not None:
-            hits = library.search_sample(model, load_input(args.file), args.k, args.modality, args.exclude_modality)
+        if sample is not None:
+            hits = library.search_sample(model, sample, args.k, args.modality, args.exclude_modality)
         else:
             hits = library.search(model.embed_text([args.query])[0], args.k, args.modality, args.exclude_modality)
     query = str(args.file) if args.file is not None else args.query
@@ -174,8 +175,8 @@ def _search(args: argparse.Namespace) -> dict[str, Any]:
 def _classify(args: argparse.Namespace) -> dict[str, Any]:
     from .readers import load_input
 
+    sample = load_input(args.file, args.modality)  # a bad file fails before the slow model load
     model = _model(args)
-    sample = load_input(args.file, args.modality)
     labels = args.labels or list(get_modality(sample.modality).default_labels)
     probs = model.classify(sample, labels)
     return {"file": str(args.file), "modality": sample.modality,
@@ -196,6 +197,7 @@ def _info(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- helpers
 def _model(args: argparse.Namespace) -> Any:
+    import torch
     from transformers.utils import logging as hf_logging
 
     from .model import load_model
@@ -203,9 +205,14 @@ def _model(args: argparse.Namespace) -> Any:
     hf_logging.disable_progress_bar()
     device = args.device
     if device is None and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per local rank
-        import torch
-
         device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise InputError(f"Unknown device {device!r}; use cpu, cuda or cuda:N.") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise InputError("No CUDA GPU is available here; use --device cpu.")
     return load_model(args.model, device=device or "auto")
 
 

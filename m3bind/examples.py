@@ -19,6 +19,7 @@ import numpy as np
 @dataclass(frozen=True)
 class Example:
     key: str  # short stable name, used by the app's buttons and API
+    modality: str  # what the file shows (a registered modality name)
     title: str  # what a clinician sees on the button
     filename: str  # the file name in the cache folder
     package: str  # "pydicom" or "skimage"
@@ -27,17 +28,17 @@ class Example:
 
 
 EXAMPLES: tuple[Example, ...] = (
-    Example("ct", "CT slice (DICOM)", "CT_small.dcm", "pydicom", "CT_small.dcm",
+    Example("ct", "ct", "CT slice (DICOM)", "CT_small.dcm", "pydicom", "CT_small.dcm",
             "pydicom test file CT_small.dcm: a 128x128 CT slice"),
-    Example("mri", "MRI slice (DICOM)", "MR_small.dcm", "pydicom", "MR_small.dcm",
+    Example("mri", "mri", "MRI slice (DICOM)", "MR_small.dcm", "pydicom", "MR_small.dcm",
             "pydicom test file MR_small.dcm: a 64x64 MR slice"),
-    Example("ultrasound", "Ultrasound (DICOM, JPEG 2000)", "examples_jpeg2k.dcm", "pydicom", "examples_jpeg2k.dcm",
+    Example("ultrasound", "ultrasound", "Ultrasound (DICOM, JPEG 2000)", "examples_jpeg2k.dcm", "pydicom", "examples_jpeg2k.dcm",
             "pydicom test file examples_jpeg2k.dcm: an ultrasound frame"),
-    Example("ecg", "12-lead ECG (DICOM waveform)", "waveform_ecg.dcm", "pydicom", "waveform_ecg.dcm",
+    Example("ecg", "ecg", "12-lead ECG (DICOM waveform)", "waveform_ecg.dcm", "pydicom", "waveform_ecg.dcm",
             "pydicom test file waveform_ecg.dcm: a 10 s 12-lead ECG"),
-    Example("retina", "Retina fundus photo (PNG)", "retina.png", "skimage", "retina",
+    Example("retina", "retina", "Retina fundus photo (PNG)", "retina.png", "skimage", "retina",
             "scikit-image data.retina(): a fundus photograph"),
-    Example("pathology", "IHC pathology tile (PNG)", "immunohistochemistry.png", "skimage", "immunohistochemistry",
+    Example("pathology", "pathology", "IHC pathology tile (PNG)", "immunohistochemistry.png", "skimage", "immunohistochemistry",
             "scikit-image data.immunohistochemistry(): IHC-stained colon tissue"),
 )
 

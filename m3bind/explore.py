@@ -76,6 +76,20 @@ def fit_map(vectors: np.ndarray, random_state: int = 0) -> tuple[np.ndarray, Any
             f"UMAP of {n} items (cosine, {n_neighbors} neighbours).")
 
 
+def warm_up() -> None:
+    """Compiles UMAP's numba code (about a minute of CPU the first time in a process) on random points,
+    both the exact path of small maps and the approximate one of large maps, so a user's first map is quick."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, PCA_DIMS)).astype(np.float32)
+    import umap
+
+    for approximate in (False, True):
+        reducer = umap.UMAP(n_neighbors=5, metric="cosine", init="pca", random_state=0, n_jobs=1,
+                            n_epochs=20, force_approximation_algorithm=approximate)
+        reducer.fit(x)
+        reducer.transform(x[:1])
+
+
 def _state_key(library: Any, ids: np.ndarray) -> str:
     return hashlib.sha1(library.fingerprint.encode() + np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
 

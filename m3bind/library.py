@@ -48,7 +48,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import faiss
 import numpy as np
 
-from .errors import CorruptFileError, InputError
+from .errors import CorruptFileError, InputError, WrongModalityError
 from .modalities import get_modality
 from .sample import Sample
 
@@ -114,7 +114,8 @@ class Library:
         self._nprobe = 0
         self._modality_names: list[str] = []
         self._modality_of = np.full(0, -1, dtype=np.int16)  # code per id, -1 where absent
-        self._selectors: dict[frozenset[int], tuple[np.ndarray, Any]] = {}
+        self._counts: np.ndarray | None = None  # items per modality code, recomputed after changes
+        self._selectors: dict[frozenset[int], tuple[np.ndarray, Any, Any]] = {}
         self._index = _flat_index(self.dim)
         fd, db_path = tempfile.mkstemp(prefix="m3bind-library-", suffix=".sqlite")
         os.close(fd)
@@ -188,22 +189,29 @@ class Library:
         return removed
 
     def search(self, query: np.ndarray, k: int = 10, modality: str | Iterable[str] | None = None,
-               exclude_modality: str | Iterable[str] | None = None) -> list[Hit] | list[list[Hit]]:
+               exclude_modality: str | Iterable[str] | None = None,
+               exact: bool = False) -> list[Hit] | list[list[Hit]]:
         """The k most similar items to a (D,) query, or one list per row of a (Q, D) batch.
 
         ``modality`` keeps only those modalities; ``exclude_modality`` drops some (cross-modal search).
+        ``exact`` forces exact results from an approximate index (every list holding a selected item is
+        scanned); a rare modality is always searched exactly.
         """
         single = np.ndim(query) == 1
         q = self._as_matrix(np.atleast_2d(query), "query")
         if k < 1:
             raise ValueError("k must be at least 1")
         with self._lock:
-            params = self._search_params(modality, exclude_modality)
-            if params is None or len(self) == 0:
+            plan = self._plan(modality, exclude_modality, exact)
+            if plan is None:
                 results: list[list[Hit]] = [[] for _ in range(len(q))]
             else:
+                params, lists = plan
                 with _faiss_threads(1 if len(q) < _PARALLEL_BATCH else None):
-                    scores, found = self._index.search(q, min(k, len(self)), params=params)
+                    if lists is None:
+                        scores, found = self._index.search(q, min(k, len(self)), params=params)
+                    else:
+                        scores, found = self._search_lists(q, min(k, len(self)), params, lists)
                 rows = self._hit_rows({int(i) for i in found.ravel() if i >= 0})
                 results = [[Hit(score=float(s), **rows[int(i)]) for s, i in zip(srow, irow) if i >= 0]
                            for srow, irow in zip(scores, found)]
@@ -232,8 +240,7 @@ class Library:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            counts = np.bincount(self._modality_of[self._modality_of >= 0],
-                                 minlength=len(self._modality_names))
+            counts = self._modality_counts()
             return {
                 "count": len(self),
                 "per_modality": {n: int(c) for n, c in zip(self._modality_names, counts) if c},
@@ -335,6 +342,10 @@ class Library:
         try:
             meta = json.loads((target / _META_FILE).read_text())
             version, dim, fingerprint = meta["version"], int(meta["dim"]), str(meta["fingerprint"])
+            if version == FORMAT_VERSION:
+                settings = {"index_factory": str(meta["factory"]), "exact_threshold": int(meta["exact_threshold"]),
+                            "target_recall": float(meta["target_recall"])}
+                state = int(meta["next_id"]), int(meta["trained_size"]), int(meta["nprobe"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CorruptFileError(f"The library {target.name} is damaged (its description cannot be read).") from exc
         if version != FORMAT_VERSION:
@@ -344,8 +355,7 @@ class Library:
             raise LibraryMismatchError(
                 f"This library was built with model {fingerprint}; the loaded model is {expected_fingerprint}. "
                 "Rebuild the library with the loaded model.")
-        lib = cls(dim, fingerprint, meta["factory"], exact_threshold=meta["exact_threshold"],
-                  target_recall=meta["target_recall"])
+        lib = cls(dim, fingerprint, **settings)
         try:
             index = faiss.read_index(str(target / _INDEX_FILE))
             lib._load_items(target / _ITEMS_FILE)
@@ -357,8 +367,8 @@ class Library:
             lib.close()
             raise CorruptFileError(f"The library {target.name} is damaged (index and items disagree).")
         lib._index = index
-        lib._next_id = max(int(meta["next_id"]), len(lib._modality_of))
-        lib._trained_size, lib._nprobe = int(meta["trained_size"]), int(meta["nprobe"])
+        next_id, lib._trained_size, lib._nprobe = state
+        lib._next_id = max(next_id, len(lib._modality_of))
         return lib
 
     def _load_items(self, items_path: Path) -> None:
@@ -400,45 +410,77 @@ class Library:
             grown[:len(self._modality_of)] = self._modality_of
             self._modality_of = grown
         self._modality_of[ids] = codes
+        self._counts = None
         self._selectors.clear()
 
-    def _search_params(self, modality: Any, exclude: Any) -> faiss.SearchParameters | None:
-        """faiss parameters for a filtered search, or None when the filter matches nothing."""
+    def _modality_counts(self) -> np.ndarray:
+        if self._counts is None:
+            self._counts = np.bincount(self._modality_of[self._modality_of >= 0], minlength=len(self._modality_names))
+        return self._counts
+
+    def _plan(self, modality: Any, exclude: Any, exact: bool) -> tuple[faiss.SearchParameters, Any] | None:
+        """(faiss parameters, IVF lists to scan or None for the usual probing); None: nothing selected."""
         codes = set(range(len(self._modality_names)))
         if modality is not None:
             codes &= {self._modality_names.index(m) for m in _names(modality) if m in self._modality_names}
         if exclude is not None:
             codes -= {self._modality_names.index(m) for m in _names(exclude) if m in self._modality_names}
-        counts = np.bincount(self._modality_of[self._modality_of >= 0], minlength=len(self._modality_names))
-        selected = int(sum(counts[c] for c in codes))
+        selected = int(sum(self._modality_counts()[c] for c in codes))
         if selected == 0:
             return None
-        selector = None if selected == len(self) else self._selector(frozenset(codes))
+        if selected == len(self):
+            selector, holding_lists = None, None
+        else:
+            selector, holding_lists = self._selection(frozenset(codes))
         if not self._trained_size:
-            return faiss.SearchParameters(sel=selector)
+            return faiss.SearchParameters(sel=selector), None
         nlist = faiss.extract_index_ivf(self._index).nlist
         if selector is None:
-            nprobe = self._nprobe
-        elif selected <= self.exact_threshold:
-            nprobe = nlist  # a rare modality: every list, so its results are exact
-        else:
-            nprobe = min(nlist, math.ceil(self._nprobe * len(self) / selected))
-        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+            return faiss.SearchParametersIVF(nprobe=nlist if exact else self._nprobe), None
+        if exact or selected <= self.exact_threshold:  # exact: every list that holds a selected item
+            lists = holding_lists()
+            return faiss.SearchParametersIVF(sel=selector, nprobe=len(lists)), lists
+        nprobe = min(nlist, math.ceil(self._nprobe * len(self) / selected))  # as many selected items as usual
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe), None
 
-    def _selector(self, codes: frozenset[int]) -> Any:
+    def _selection(self, codes: frozenset[int]) -> tuple[Any, Any]:
+        """A faiss selector of the items of these modalities, and a function giving the IVF lists holding them."""
         if codes not in self._selectors:
             member = np.isin(self._modality_of, np.fromiter(codes, dtype=np.int16))
             bitmap = np.packbits(member, bitorder="little")
-            self._selectors[codes] = (bitmap, faiss.IDSelectorBitmap(bitmap))  # the selector borrows bitmap
-        return self._selectors[codes][1]
+            lists: list[np.ndarray] = []
+
+            def holding_lists() -> np.ndarray:  # computed once per selection, when first needed
+                if not lists:
+                    invlists = faiss.extract_index_ivf(self._index).invlists
+                    sizes = [invlists.list_size(i) for i in range(invlists.nlist)]
+                    lists.append(np.array([i for i, n in enumerate(sizes)
+                                           if n and member[faiss.rev_swig_ptr(invlists.get_ids(i), n)].any()],
+                                          dtype=np.int64))
+                return lists[0]
+
+            self._selectors[codes] = (bitmap, faiss.IDSelectorBitmap(bitmap), holding_lists)  # selector borrows bitmap
+        return self._selectors[codes][1:]
+
+    def _search_lists(self, q: np.ndarray, k: int, params: Any, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """IVF search that scans exactly the given lists (the C entry point: the Python one takes no params)."""
+        ivf = faiss.extract_index_ivf(self._index)
+        assign = np.ascontiguousarray(np.broadcast_to(lists, (len(q), len(lists))))
+        coarse = np.ascontiguousarray(q @ ivf.quantizer.reconstruct_batch(lists).T)  # for by-residual codecs
+        scores, found = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
+        ivf.search_preassigned_c(len(q), faiss.swig_ptr(q), k, faiss.swig_ptr(assign), faiss.swig_ptr(coarse),
+                                 faiss.swig_ptr(scores), faiss.swig_ptr(found), False, params)
+        return scores, found
 
     def _hit_rows(self, ids: set[int]) -> dict[int, dict[str, Any]]:
-        if not ids:
-            return {}
-        cur = self._db.execute(f"SELECT {_HIT_COLUMNS} FROM items WHERE id IN ({','.join('?' * len(ids))})",
-                               tuple(ids))
-        names = [d[0] for d in cur.description]
-        return {row[0]: dict(zip(names, row)) for row in cur}
+        wanted, rows = sorted(ids), {}
+        for start in range(0, len(wanted), 10_000):  # SQLite caps the parameters of one statement
+            chunk = wanted[start:start + 10_000]
+            cur = self._db.execute(f"SELECT {_HIT_COLUMNS} FROM items WHERE id IN ({','.join('?' * len(chunk))})",
+                                   chunk)
+            names = [d[0] for d in cur.description]
+            rows.update((row[0], dict(zip(names, row))) for row in cur)
+        return rows
 
     def _reconstruct(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if out is None:
@@ -497,11 +539,12 @@ def _flat_index(dim: int) -> faiss.Index:
 
 def _check_factory(dim: int, factory: str) -> None:
     try:
-        index = faiss.index_factory(dim, factory.format(nlist=16), faiss.METRIC_INNER_PRODUCT)
-        faiss.extract_index_ivf(index)
+        index = faiss.downcast_index(faiss.index_factory(dim, factory.format(nlist=16), faiss.METRIC_INNER_PRODUCT))
     except (RuntimeError, KeyError, IndexError, ValueError) as exc:
-        raise ValueError(f"index_factory {factory!r} must describe a faiss IVF index, e.g. "
-                         f"{DEFAULT_FACTORY!r}") from exc
+        raise ValueError(f"index_factory {factory!r} is not a faiss factory string") from exc
+    if not isinstance(index, faiss.IndexIVF):
+        raise ValueError(f"index_factory {factory!r} must describe a faiss IVF index without pre-transform, "
+                         f"e.g. {DEFAULT_FACTORY!r}")
 
 
 def _calibrate_nprobe(index: faiss.Index, x: np.ndarray, ids: np.ndarray, target: float,
@@ -565,6 +608,9 @@ def _text(value: Any) -> str | None:
 
 
 def _sample_item(sample: Sample, extra: dict[str, Any]) -> dict[str, Any]:
+    if extra.get("modality", sample.modality) != sample.modality:
+        raise WrongModalityError(f"An item says {extra['modality']!r} for a {sample.modality!r} sample; "
+                                 "the modality is the sample's.")
     item = {"modality": sample.modality, "thumbnail": thumbnail_png(sample), **extra}
     if item.get("sha256") is None:
         item["sha256"] = hashlib.sha256(np.ascontiguousarray(sample.data).tobytes()).hexdigest()
@@ -621,9 +667,12 @@ def _backup_path(target: Path) -> Path:
 
 def _remove_stale_temporaries(target: Path) -> None:
     """Deletes temporary directories left by saves whose process has died."""
-    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+    prefix = f".{target.name}.tmp-"
+    for tmp in target.parent.iterdir():
+        if not tmp.name.startswith(prefix):
+            continue
         try:
-            pid = int(tmp.name[len(f".{target.name}.tmp-"):].split("-")[0])
+            pid = int(tmp.name[len(prefix):].split("-")[0])
             os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -632,7 +681,12 @@ def _remove_stale_temporaries(target: Path) -> None:
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return  # directories cannot be opened for fsync on some systems (Windows)
+        raise
     try:
         os.fsync(fd)
     finally:

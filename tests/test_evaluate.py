@@ -15,6 +15,7 @@ from train import evaluate as ev
 from train.data import load_dataset
 
 RNG = np.random.default_rng(0)
+TINY_RUN = ev.EvalConfig(shots=(1, 4), seeds=(0, 1), max_test=24, max_library=24)  # QUICK, smaller still
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -62,8 +63,8 @@ def test_recall_and_precision_at_k():
     np.testing.assert_array_equal(hits[3], [1, 1])
     np.testing.assert_allclose(ev.precision_at_k(sim, relevant, 3), [1 / 3, 1 / 3])
     np.testing.assert_allclose(ev.precision_at_k(sim, relevant, 10), [2 / 6, 1 / 6])  # k beyond the library
-    out = ev.retrieval_metrics(np.eye(2), np.eye(2), np.array([[1, 0], [0, 0]], bool), (1,))
-    assert out["n_queries"] == 1 and out["R@1"] == 1.0  # a query with nothing relevant is not counted
+    out = ev.retrieval_metrics(np.eye(3), np.eye(3), np.array([[1, 0, 0], [0, 0, 0], [1, 1, 1]], bool), (1,))
+    assert out["n_queries"] == 1 and out["R@1"] == 1.0  # nothing relevant, or everything: not informative
 
 
 def test_balanced_subset_and_nested_support():
@@ -162,7 +163,7 @@ def tiny_teachers(tiny_config):
 
 
 def test_compare_end_to_end_on_real_data(tiny_model, tiny_teachers, shared_data):
-    results = ev.compare(tiny_model, tiny_teachers, data_root=shared_data, config=ev.QUICK)
+    results = ev.compare(tiny_model, tiny_teachers, data_root=shared_data, config=TINY_RUN)
     json.dumps(results, allow_nan=False)  # plain JSON
     bound = results["bound"]
     assert bound["split"] == "test" and set(bound["model"]["modalities"]) == {"xray", "ct", "retina", "ecg"}
@@ -171,7 +172,7 @@ def test_compare_end_to_end_on_real_data(tiny_model, tiny_teachers, shared_data)
     assert "skipped" in bound["zero_shot"]["covid_cxr/ct"]  # one class among its test items
     for key in ("pneumoniamnist/xray", "retinamnist/retina", "ptbxl/ecg"):
         z = bound["zero_shot"][key]
-        assert z["n"] <= ev.QUICK.max_test and 0 <= z["auc"] <= 1 and 0 <= z["accuracy"] <= 1
+        assert z["n"] <= TINY_RUN.max_test and 0 <= z["auc"] <= 1 and 0 <= z["accuracy"] <= 1
         f = bound["few_shot"][key]
         for method in ev.FEW_SHOT_METHODS:
             assert set(f[method]) == {"1", "4"}
@@ -204,8 +205,8 @@ def test_compare_end_to_end_on_real_data(tiny_model, tiny_teachers, shared_data)
 
 
 def test_evaluation_is_deterministic_and_refuses_the_train_split(tiny_model, shared_data):
-    run = lambda: ev.evaluate(tiny_model, ["zero_shot", "few_shot"], shared_data, config=ev.QUICK,  # noqa: E731
-                              modalities=["xray"])
+    run = lambda: ev.evaluate(tiny_model, ["few_shot"], shared_data, config=TINY_RUN,  # noqa: E731
+                              modalities=["retina"])
     assert run()["few_shot"] == run()["few_shot"]
     with pytest.raises(ValueError, match="train"):
         ev.evaluate(tiny_model, ["zero_shot"], shared_data, split="train")
@@ -218,8 +219,11 @@ def test_cli_writes_json_and_prints_the_table(tiny_model, tiny_teachers, shared_
     tiny_teachers["ecg"].save_pretrained(tmp_path / "ecg")
     out = tmp_path / "results.json"
     assert ev.main(["--model", str(tmp_path / "bound"), "--teachers", str(tmp_path / "ecg"), "--quick",
-                    "--data-root", str(shared_data), "--suites", "zero_shot", "cross_modal",
+                    "--data-root", str(shared_data), "--suites", "cross_modal",
                     "--out", str(out), "--device", "cpu"]) == 0
     results = json.loads(out.read_text())
-    assert set(results["counterparts"]) == {"ecg"} and "few_shot" not in results["bound"]
-    assert "### Zero-shot" in capsys.readouterr().out
+    assert set(results["counterparts"]) == {"ecg"} and set(results["bound"]["cross_modal"]["pairs"]) == {
+        f"{a}->{b}" for a in ("xray", "retina", "ecg") for b in ("xray", "retina", "ecg") if a != b}
+    assert "zero_shot" not in results["bound"]
+    printed = capsys.readouterr().out
+    assert "### Cross-modal" in printed and "| **mean** |" in printed and "Zero-shot" not in printed

@@ -142,8 +142,14 @@ def test_modality_filter_with_rare_modality_exact_and_approximate():
         assert all(h.modality != "xray" for h in lib.search(queries[1], k=30, exclude_modality="xray"))
         assert lib.search(queries[0], k=5, modality="retina") == []  # none in the library
         # A common modality is searched approximately (nprobe scaled by 1/its share) with queries of its own.
-        own = queries[query_cluster % 2 == 0]
+        own, other = queries[query_cluster % 2 == 0], queries[query_cluster % 2 == 1]
         assert recall(lib, x, own, keep=mods == "xray", modality="xray") >= 0.95
+        # exact=True is exact for queries far from the modality too (cross-modal), filtered or not.
+        xray = np.flatnonzero(mods == "xray")
+        for q in other[:5]:
+            want_ids, _ = exact_top(x[xray], xray, q, 10)
+            assert [h.id for h in lib.search(q, k=10, modality="xray", exact=True)] == want_ids.tolist()
+            assert [h.id for h in lib.search(q, k=10, exact=True)] == exact_top(x, np.arange(len(x)), q, 10)[0].tolist()
         lib.close()
 
 
@@ -284,6 +290,9 @@ def test_model_helpers_embed_thumbnail_and_refuse_other_models(tiny_model, share
     assert len(text_hits) == 4 and {h.modality for h in text_hits} == {"xray"}
     want = tiny_model.embed_text(["pneumonia"])[0] @ tiny_model.embed(samples[:4]).T
     np.testing.assert_allclose(sorted((h.score for h in text_hits), reverse=True), np.sort(want)[::-1], atol=1e-4)
+
+    with pytest.raises(WrongModalityError):
+        lib.add_samples(tiny_model, samples[:1], [{"modality": "ct"}])
 
     other = Library(tiny_model.dim, "another-model")
     with pytest.raises(LibraryMismatchError, match="another-model"):

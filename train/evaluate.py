@@ -11,7 +11,8 @@ Tasks (``SUITES``), each on the test split of every dataset whose modality a mod
   * ``retrieval``: text-to-image. A library of every dataset's test items (balanced subsample, seeded),
     one query per class prompt; a retrieved item is relevant when it belongs to the query's dataset
     and modality and carries the query's class. Recall@K = share of queries with a relevant item in
-    the top K. Reported over the library of all modalities and over each modality's own library.
+    the top K; queries with no relevant item, or with every item relevant, are not counted. Reported
+    over the library of all modalities and over each modality's own library.
   * ``cross_modal``: image-to-image across modalities on a normal/abnormal notion (``NORMAL_CLASS``):
     for each query of modality A, all items of B ranked by cosine; per-query AUC of "same status as the
     query" (then the mean) and precision@10 with its chance level (the base rate). Counterparts are
@@ -34,6 +35,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
+from threadpoolctl import threadpool_limits
 
 from m3bind import M3BindModel, load_model
 from m3bind.fewshot import LogisticProbe, PrototypeClassifier
@@ -159,10 +161,11 @@ def cross_modal_metrics(query_emb: np.ndarray, query_abnormal: np.ndarray, item_
 
 def retrieval_metrics(query_emb: np.ndarray, library_emb: np.ndarray, relevant: np.ndarray,
                       ks: Sequence[int]) -> dict:
-    """Mean Recall@K over queries that have at least one relevant item in the library."""
-    keep = np.asarray(relevant, bool).any(1)
+    """Mean Recall@K over the informative queries: some, but not all, library items are relevant."""
+    relevant = np.asarray(relevant, bool)
+    keep = relevant.any(1) & ~relevant.all(1)
     if not keep.any():
-        return {"n_queries": 0, **{f"R@{k}": None for k in ks}}
+        return {"n_queries": 0, "n_library": len(library_emb), **{f"R@{k}": None for k in ks}}
     hits = recall_at_k(query_emb[keep] @ library_emb.T, relevant[keep], ks)
     return {"n_queries": int(keep.sum()), "n_library": len(library_emb),
             **{f"R@{k}": float(h.mean()) for k, h in hits.items()}}
@@ -239,11 +242,17 @@ def check_disjoint(support: Sequence[Pair], evaluated: Sequence[Pair]) -> None:
 # =========================================================================== embedding
 
 class Embedder:
-    """A model's embeddings of dataset items, computed once per item id."""
+    """A model's embeddings of dataset items (by item id) and of texts, each computed once."""
 
     def __init__(self, model: M3BindModel, batch_size: int = 64, chunk: int = 256):
         self.model, self.batch_size, self.chunk = model, batch_size, chunk
         self.cache: dict[str, np.ndarray] = {}
+        self.text_cache: dict[str, np.ndarray] = {}
+
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if t not in self.text_cache))
+        self.text_cache.update(zip(missing, self.model.embed_text(missing)))
+        return np.stack([self.text_cache[t] for t in texts]) if texts else np.zeros((0, self.model.dim), np.float32)
 
     def __call__(self, pairs: Sequence[Pair]) -> np.ndarray:
         missing = list({p.item_id: p for p in pairs if p.item_id not in self.cache}.values())
@@ -256,21 +265,23 @@ class Embedder:
         return np.stack([self.cache[p.item_id] for p in pairs])
 
 
-def class_embeddings(model: M3BindModel, prompts: dict[str, list[str]]) -> np.ndarray:
+def class_embeddings(embed: Embedder, prompts: dict[str, list[str]]) -> np.ndarray:
     """(C, D): per class, the normalised mean of its prompt embeddings (the ensemble)."""
-    vectors = np.stack([model.embed_text(list(group)).mean(0) for group in prompts.values()])
+    flat = embed.texts([p for group in prompts.values() for p in group])
+    bounds = np.cumsum([0] + [len(group) for group in prompts.values()])
+    vectors = np.stack([flat[a:b].mean(0) for a, b in zip(bounds, bounds[1:])])
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 # =========================================================================== tasks
 
-def zero_shot(model: M3BindModel, embed: Embedder, test: EvalSet) -> dict:
+def zero_shot(embed: Embedder, test: EvalSet) -> dict:
     targets = test.targets
     out = {"n": len(test.pairs), "classes": test.class_names}
     if _n_defined_classes(targets) == 0:
         return {**out, "skipped": "fewer than two classes among the test items"}
-    scores = zero_shot_scores(embed(test.pairs), class_embeddings(model, test.prompts), test.multi_label,
-                              model.config.logit_scale)
+    scores = zero_shot_scores(embed(test.pairs), class_embeddings(embed, test.prompts), test.multi_label,
+                              embed.model.config.logit_scale)
     return {**out, **classification_metrics(scores, targets)}
 
 
@@ -287,13 +298,16 @@ def few_shot(embed: Embedder, train: EvalSet, test: EvalSet, config: EvalConfig)
     support_sizes: dict[int, list[int]] = {k: [] for k in config.shots}
     for seed in config.seeds:
         deepest = draw_support(train_targets, max(config.shots), seed)
+        embed([train.pairs[i] for i in np.unique(np.concatenate(list(deepest.values())))])  # cached for all k
         for k in config.shots:
             support = {c: idx[:k] for c, idx in deepest.items()}
             chosen = np.unique(np.concatenate(list(support.values())))
             check_disjoint([train.pairs[i] for i in chosen], test.pairs)
             support_sizes[k].append(len(chosen))
             for method in FEW_SHOT_METHODS:
-                scores = _few_shot_scores(method, embed, train, support, chosen, test_emb)
+                # one BLAS thread: tiny fits otherwise spend 20x longer synchronising threads
+                with threadpool_limits(1):
+                    scores = _few_shot_scores(method, embed, train, support, chosen, test_emb)
                 runs[method][k].append(classification_metrics(scores[:, present], targets[:, present]))
     out["classes"] = [train.class_names[c] for c in present]
     out["support_items"] = {str(k): float(np.mean(v)) for k, v in support_sizes.items()}
@@ -329,7 +343,7 @@ def _few_shot_scores(method: str, embed: Embedder, train: EvalSet, support: dict
     return scores
 
 
-def retrieval(model: M3BindModel, embed: Embedder, library: Sequence[EvalSet], ks: Sequence[int]) -> dict:
+def retrieval(embed: Embedder, library: Sequence[EvalSet], ks: Sequence[int]) -> dict:
     """Text-to-image Recall@K over the library of the given sets, overall and per dataset of the queries."""
     lib_emb = embed([p for s in library for p in s.pairs])
     owner = np.concatenate([[i] * len(s.pairs) for i, s in enumerate(library)]).astype(int) if library else \
@@ -345,7 +359,7 @@ def retrieval(model: M3BindModel, embed: Embedder, library: Sequence[EvalSet], k
             source += [i] * len(group)
     if not queries:
         return {"n_queries": 0}
-    q = model.embed_text(queries)
+    q = embed.texts(queries)
     relevant, source = np.array(relevant), np.array(source)
     out = retrieval_metrics(q, lib_emb, relevant, ks)
     out["per_set"] = {s.key: retrieval_metrics(q[source == i], lib_emb, relevant[source == i], ks)
@@ -409,7 +423,7 @@ def evaluate(model: M3BindModel, suites: Sequence[str] = SUITES, data_root: str 
                               for key, s in tests.items()}}
     started = time.perf_counter()
     if "zero_shot" in suites:
-        results["zero_shot"] = {key: zero_shot(model, embed, s.subset(config.max_test, config.subsample_seed))
+        results["zero_shot"] = {key: zero_shot(embed, s.subset(config.max_test, config.subsample_seed))
                                 for key, s in tests.items()}
         log.info("zero-shot done (%.0f s)", time.perf_counter() - started)
     if "few_shot" in suites:
@@ -420,9 +434,9 @@ def evaluate(model: M3BindModel, suites: Sequence[str] = SUITES, data_root: str 
                                                 config)
         log.info("few-shot done (%.0f s)", time.perf_counter() - started)
     if "retrieval" in suites:
-        results["retrieval"] = {"all": retrieval(model, embed, list(library.values()), config.recall_at)}
+        results["retrieval"] = {"all": retrieval(embed, list(library.values()), config.recall_at)}
         results["retrieval"]["per_modality"] = {
-            m: retrieval(model, embed, [s for s in library.values() if s.modality == m], config.recall_at)
+            m: retrieval(embed, [s for s in library.values() if s.modality == m], config.recall_at)
             for m in covered if any(s.modality == m for s in library.values())}
         log.info("retrieval done (%.0f s)", time.perf_counter() - started)
     if "cross_modal" in suites:

@@ -1,0 +1,425 @@
+"""The M3Bind web app: classify, search, explore and few-shot, on images and ECGs of every modality.
+
+``python app.py`` serves it (127.0.0.1:7860 unless GRADIO_SERVER_NAME / GRADIO_SERVER_PORT or a Hugging
+Face Space say otherwise). The page only lays things out: files, the model and the library are handled
+by ``m3bind.workspace.Workspace``; figures come from ``m3bind.figures``. Every action is a named API
+endpoint (``gradio_client``), and every unusable input ends in a readable message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import os
+import threading
+from typing import Any, Callable
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a clinical tool phones nowhere by default
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import m3bind  # noqa: E402
+from m3bind import explore, figures  # noqa: E402
+from m3bind.examples import EXAMPLES  # noqa: E402
+from m3bind.readers.ecg import LEADS  # noqa: E402
+from m3bind.workspace import Workspace  # noqa: E402
+
+log = logging.getLogger("m3bind.app")
+
+MAX_UPLOAD = "100mb"
+AUTO = "auto"
+METHODS = [("Prototypes (class means, works from 1 example)", "prototype"),
+           ("Linear probe (logistic regression, better with several)", "probe")]
+WINDOW_PRESETS = {"Lung (C -600, W 1500)": (-600.0, 1500.0), "Soft tissue (C 40, W 400)": (40.0, 400.0),
+                  "Bone (C 400, W 1800)": (400.0, 1800.0), "Brain (C 40, W 80)": (40.0, 80.0)}
+CSS = """
+.m3b-warning {background:#fff4e5; border:1px solid #f0a020; border-radius:8px; padding:8px 14px;}
+.m3b-warning p {margin:0; color:#7a4700;}
+"""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _friendly(action: str) -> Callable:
+    """Turns InputError into a message in the page (gr.Error); any other failure into a short note,
+    with the traceback in the server log only."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except m3bind.InputError as exc:
+                raise gr.Error(str(exc), title=f"Cannot {action}", print_exception=False) from None
+            except Exception:
+                log.exception("unexpected failure while trying to %s", action)
+                raise gr.Error("Something went wrong on the server; the details are in its log. "
+                               "Try again, or with another file.", title=f"Cannot {action}",
+                               print_exception=False) from None
+        return run
+    return wrap
+
+
+def parse_findings(text: str | None) -> list[str]:
+    """Candidate findings from the text box: one per line, or comma-separated on a single line."""
+    lines = [line.strip().lstrip("-*• ").strip() for line in (text or "").splitlines()]
+    lines = [line for line in lines if line]
+    parts = lines if len(lines) > 1 else [p.strip() for p in (lines[0].split(",") if lines else [])]
+    seen: dict[str, str] = {}
+    for part in parts:
+        if part and part.lower() not in seen:
+            seen[part.lower()] = part
+    return list(seen.values())
+
+
+def findings_for(modality: str, current: str | None) -> str:
+    """The modality's default findings, unless the user has typed findings of their own."""
+    mine = parse_findings(current)
+    defaults = [list(m3bind.get_modality(n).default_labels) for n in m3bind.modality_names()]
+    if not mine or mine in defaults:
+        return "\n".join(m3bind.get_modality(modality).default_labels)
+    return current or ""
+
+
+def _window(centre: float | None, width: float | None) -> tuple[float, float] | None:
+    if centre is None or width is None or width <= 0:
+        return None
+    return float(centre), float(width)
+
+
+def _modality(choice: str | None) -> str | None:
+    return None if choice in (None, "", AUTO) else choice
+
+
+def _describe(sample: m3bind.Sample) -> str:
+    meta = sample.meta
+    title = m3bind.get_modality(sample.modality).title
+    if "detected_modality" in meta:
+        how = f"chosen by you (the file looked like {m3bind.get_modality(meta['detected_modality']).title})"
+    else:
+        how = {"dicom": "from the DICOM header", "guess": "guessed from the pixels; override it if wrong"}.get(
+            meta.get("modality_source"), "from the file")
+    facts = [f"**{title}** ({how})", str(meta.get("format", "")).upper()]
+    if sample.kind == "ecg":
+        fs = meta.get("fs_original")
+        facts.append(f"{meta.get('duration_s', 10):.0f} s" + (f", recorded at {fs:g} Hz" if fs else ""))
+        missing = [lead for lead, ok in zip(LEADS, meta.get("lead_mask", [])) if not ok]
+        facts.append(f"leads not recorded: {', '.join(missing)}" if missing else "all 12 leads")
+    else:
+        h, w = sample.data.shape[:2]
+        facts.append(f"{w} x {h} px")
+        if "window" in meta:
+            facts.append(f"window C {meta['window'][0]:g} / W {meta['window'][1]:g} ({meta.get('window_source')})")
+    return " · ".join(f for f in facts if f)
+
+
+def _views(sample: m3bind.Sample) -> tuple[Any, Any]:
+    """(image update, ECG plot update): show whichever fits the sample."""
+    if sample.kind == "ecg":
+        title = m3bind.get_modality(sample.modality).title
+        return gr.update(value=None, visible=False), gr.update(value=figures.ecg_figure(sample, title), visible=True)
+    return gr.update(value=sample.preview, visible=True), gr.update(value=None, visible=False)
+
+
+def _gallery(ws: Workspace, hits: list) -> list[tuple[Image.Image, str]]:
+    items = []
+    for hit in hits:
+        png = ws.thumbnail(hit.id)
+        image = Image.open(io.BytesIO(png)).convert("RGB") if png else Image.new("RGB", (128, 48), "#dddddd")
+        title = m3bind.get_modality(hit.modality).title
+        caption = f"{title} · {hit.score:.3f} · {hit.label or hit.source or ''}"
+        items.append((image, caption))
+    return items
+
+
+def _library_summary(ws: Workspace) -> str:
+    stats = ws.library.stats()
+    parts = ", ".join(f"{m3bind.get_modality(m).title} {n}" for m, n in stats["per_modality"].items())
+    return f"**Library:** {stats['count']} items ({parts or 'empty'}) · index {stats['index']}"
+
+
+def _header(ws: Workspace) -> str:
+    model = ws.model
+    return (f"# M3Bind\nImages and ECGs of every modality and text in one shared space. "
+            f"Model **{model.config.name}** (`{model.fingerprint}`) on **{model.device.type.upper()}**, "
+            f"{model.dim}-d; encodes {', '.join(m3bind.get_modality(m).title for m in model.modalities)}.")
+
+
+# ----------------------------------------------------------------------------------------------- app
+def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Blocks:
+    """The whole page, wired to one model (loaded once here if not given) and its library."""
+    model = model if model is not None else m3bind.load_model()
+    ws = Workspace(model, home)
+    modality_choices = [("Auto-detect", AUTO)] + [(m3bind.get_modality(m).title, m) for m in model.modalities]
+
+    def window_for(files, centre, width):
+        """The window typed in, or None where it is the file's own (so the file's VOI function applies)."""
+        window = _window(centre, width)
+        if window is not None and list(window) == ws.read(files).meta.get("window"):
+            return None
+        return window
+
+    @_friendly("classify")
+    def classify(files, modality, labels, centre, width):
+        sample = ws.read(files, _modality(modality), window_for(files, centre, width))
+        probs = model.classify(sample, parse_findings(labels))
+        title = f"{m3bind.get_modality(sample.modality).title}: zero-shot probabilities"
+        image, ecg = _views(sample)
+        return _describe(sample), image, ecg, figures.probability_figure(probs, title), probs
+
+    def open_file(files, labels):
+        """A new upload: show it, detect its modality, offer its findings and classify, in one step.
+        Unreadable files clear the page and say why (in the page and as a toast)."""
+        cleared = [gr.update(value=None), gr.update(value=None, visible=False), AUTO, labels,
+                   gr.update(visible=False), None, None, None, None, None]
+        if not files:
+            return ["Upload a file or pick an example.", *cleared]
+        try:
+            sample = ws.read(files)
+        except m3bind.InputError as exc:
+            gr.Warning(str(exc), title="Cannot read this file")
+            return [f"❌ **Cannot read this file.** {exc}", *cleared]
+        is_dicom_image = sample.kind == "image" and sample.meta.get("format") == "dicom"
+        window = sample.meta.get("window") if is_dicom_image else None
+        findings = findings_for(sample.modality, labels)
+        described, image, ecg, plot, probs = classify(files, AUTO, findings, None, None)
+        return [described, image, ecg, AUTO, findings, gr.update(visible=window is not None),
+                *(window or (None, None)), window, plot, probs]
+
+    @_friendly("change the modality")
+    def change_modality(files, modality, labels):
+        if _modality(modality) is None:
+            return findings_for(ws.read(files).modality, labels) if files else labels
+        return findings_for(modality, labels)
+
+    def window_preset(preset, file_window):
+        if preset in WINDOW_PRESETS:
+            return WINDOW_PRESETS[preset]
+        return tuple(file_window) if file_window else (None, None)
+
+    def example(key: str) -> Callable[[], list[str]]:
+        def pick() -> list[str]:
+            return [str(ws.example_path(key))]
+        pick.__name__ = f"example_{key}"
+        return pick
+
+    @_friendly("search")
+    def search_text(query, modalities, k, per_modality):
+        hits = ws.search_text(query, int(k), modalities or None, bool(per_modality))
+        return _gallery(ws, hits), f"{len(hits)} results for “{query.strip()}”."
+
+    @_friendly("search")
+    def search_similar(files, modality, centre, width, k, other):
+        sample, hits = ws.search_similar(files, _modality(modality), window_for(files, centre, width), int(k), bool(other))
+        scope = "other modalities than " if other else "all modalities, including "
+        return _gallery(ws, hits), (f"{len(hits)} nearest items from {scope}"
+                                    f"{m3bind.get_modality(sample.modality).title}.")
+
+    @_friendly("add these files")
+    def add_files(files, label, modality, progress=gr.Progress()):
+        if not files:
+            raise m3bind.InputError("Choose the files to add first.")
+        result = ws.add_files(files, label, _modality(modality), progress=lambda f, d: progress(f, desc=d))
+        lines = [f"Added **{result['added']}**, already in the library {result['skipped']}, "
+                 f"refused {len(result['refused'])}."]
+        lines += [f"- {name}: {reason}" for name, reason in result["refused"][:20]]
+        if result["refused"]:
+            gr.Warning(f"{len(result['refused'])} file(s) could not be added; see the list.")
+        return "\n".join(lines), _library_summary(ws)
+
+    @_friendly("reset the library")
+    def reset_library():
+        ws.reset_library()
+        return "The library holds the example files again.", _library_summary(ws)
+
+    def library_stats():
+        return _library_summary(ws)
+
+    @_friendly("draw the map")
+    def draw_map(color_by, prompts, place_query, files, modality, centre, width, progress=gr.Progress()):
+        progress(0.1, desc="Fitting the map (the first UMAP in a fresh server compiles for about a minute)")
+        lmap = ws.library_map()
+        texts = parse_findings(prompts)
+        prompt_xy = lmap.place(model.embed_text(texts)) if texts else np.zeros((0, 2))
+        query = name = None
+        if place_query and files:
+            sample = ws.read(files, _modality(modality), window_for(files, centre, width))
+            query = lmap.place(ws.embed(files, _modality(modality), window_for(files, centre, width)))[0]
+            name = f"your upload ({m3bind.get_modality(sample.modality).title})"
+        fig = figures.map_figure(lmap, color_by, query, name or "your upload", list(zip(texts, prompt_xy)))
+        return fig, f"{lmap.note} The upload and the prompts are placed into the map, which is not refitted."
+
+    def warm_map():
+        if len(ws.library) >= explore.MIN_UMAP_ITEMS:
+            threading.Thread(target=explore.warm_up, daemon=True).start()
+
+    @_friendly("classify with your examples")
+    def fewshot(files, modality, centre, width, method, use_library, name1, examples1, name2, examples2, name3,
+                examples3, progress=gr.Progress()):
+        named = {}
+        for name, examples in ((name1, examples1), (name2, examples2), (name3, examples3)):
+            if name and name.strip():
+                named[name.strip()] = examples or []
+        probs = ws.fewshot(files, named, method, _modality(modality), window_for(files, centre, width), bool(use_library),
+                           progress=lambda f, d: progress(f, desc=d))
+        title = "Few-shot probabilities (" + dict((v, k) for k, v in METHODS)[method].split(" (")[0] + ")"
+        return figures.probability_figure(probs, title), probs
+
+    with gr.Blocks(title="M3Bind") as demo:
+        gr.Markdown(_header(ws))
+        if "untrained" in model.config.name:
+            gr.Markdown("⚠️ **This model is untrained.** Its probabilities and search results are meaningless; "
+                        "they only show that the app works. Train a model with `train/` and ship it in `assets/`.",
+                        elem_classes="m3b-warning", elem_id="untrained-warning")
+        if ws.notice:
+            gr.Markdown(f"ℹ️ {ws.notice}", elem_classes="m3b-warning")
+
+        with gr.Tabs():
+            with gr.Tab("Classify", id="classify"):
+                with gr.Row():
+                    with gr.Column(scale=2, min_width=320):
+                        files = gr.File(label="Image, DICOM or ECG (for a WFDB record, select its .hea and "
+                                              ".dat/.mat together)", file_count="multiple", elem_id="upload")
+                        gr.Markdown("**Examples** (from pydicom and scikit-image):")
+                        with gr.Row():
+                            example_buttons = [(gr.Button(e.title, size="sm"), e.key) for e in EXAMPLES]
+                        modality = gr.Dropdown(modality_choices, value=AUTO, label="Modality",
+                                               info="Detected from the file; change it if the detection is wrong.")
+                        with gr.Accordion("DICOM window", open=True, visible=False) as window_box:
+                            preset = gr.Dropdown(["File default", *WINDOW_PRESETS], value="File default",
+                                                 label="Preset")
+                            with gr.Row():
+                                centre = gr.Number(label="Centre", precision=1)
+                                width = gr.Number(label="Width", precision=1, minimum=0)
+                            apply_window = gr.Button("Apply window", size="sm")
+                        file_window = gr.State(None)
+                        labels = gr.Textbox(label="Candidate findings (one per line)", lines=6,
+                                            placeholder="Upload a file to get the modality's default findings",
+                                            elem_id="findings")
+                        classify_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
+                    with gr.Column(scale=3):
+                        status = gr.Markdown("Upload a file or pick an example.", elem_id="status")
+                        preview = gr.Image(label="Preview", interactive=False, format="png", height=360,
+                                           buttons=["fullscreen"])
+                        ecg_plot = gr.Plot(label="ECG", visible=False, elem_id="ecg-plot")
+                        prob_plot = gr.Plot(label="Probabilities", elem_id="prob-plot")
+                        prob_json = gr.JSON(label="Probabilities (JSON)", visible=False)
+
+            with gr.Tab("Search", id="search"):
+                summary = gr.Markdown(_library_summary(ws), elem_id="library-summary")
+                with gr.Row():
+                    query = gr.Textbox(label="Findings to search for", scale=4, elem_id="search-query",
+                                       placeholder="e.g. consolidation in the left lower lobe")
+                    search_modalities = gr.Dropdown([(m3bind.get_modality(m).title, m) for m in model.modalities],
+                                                    multiselect=True, label="Only these modalities", scale=2)
+                with gr.Row():
+                    k = gr.Slider(1, 48, value=12, step=1, label="Results")
+                    per_modality = gr.Checkbox(True, label="Best of each modality")
+                    search_button = gr.Button("Search", variant="primary", elem_id="search-button")
+                search_note = gr.Markdown()
+                gallery = gr.Gallery(label="Results", columns=6, height="auto", format="png", elem_id="results")
+                gr.Markdown("### Similar items of other modalities\nUses the file of the Classify tab as the query.")
+                with gr.Row():
+                    other_only = gr.Checkbox(True, label="Other modalities only")
+                    similar_button = gr.Button("Find similar to the current upload", elem_id="similar-button")
+                similar_note = gr.Markdown()
+                similar_gallery = gr.Gallery(label="Similar items", columns=6, height="auto", format="png")
+                with gr.Accordion("Add files to the library", open=False):
+                    gr.Markdown("Only the file name, a hash and a thumbnail are kept; nothing from DICOM headers "
+                                "that identifies a patient. The library is saved on the server.")
+                    add_files_input = gr.File(label="Files", file_count="multiple")
+                    with gr.Row():
+                        add_label = gr.Textbox(label="Label for these files (optional)", placeholder="e.g. pneumonia")
+                        add_modality = gr.Dropdown(modality_choices, value=AUTO, label="Modality")
+                    with gr.Row():
+                        add_button = gr.Button("Add to library", variant="primary")
+                        reset_button = gr.Button("Reset to the examples", variant="stop")
+                    add_status = gr.Markdown()
+
+            with gr.Tab("Explore", id="explore") as explore_tab:
+                gr.Markdown("The library in 2-D (UMAP, or PCA for a handful of items). Hover over a point to see "
+                            "its label and file; the current upload (a star) and your text prompts (diamonds) "
+                            "are placed into the map.")
+                with gr.Row():
+                    color_by = gr.Radio([("Modality", "modality"), ("Label", "label")], value="modality",
+                                        label="Colour by")
+                    place_query = gr.Checkbox(True, label="Place the current upload")
+                prompts = gr.Textbox(label="Text prompts to place (one per line)", lines=3,
+                                     value="pneumonia\nnormal ECG\nadenocarcinoma", elem_id="prompts")
+                map_button = gr.Button("Draw map", variant="primary", elem_id="map-button")
+                map_note = gr.Markdown()
+                map_plot = gr.Plot(label="Embedding map", elem_id="map-plot")
+
+            with gr.Tab("Few-shot", id="fewshot"):
+                gr.Markdown("Teach classes from a few examples each, then classify the file of the Classify tab. "
+                            "Name each class; give its example files, or tick the box to use library items "
+                            "that carry that label.")
+                with gr.Row():
+                    method = gr.Radio(METHODS, value="prototype", label="Method")
+                    use_library = gr.Checkbox(False, label="Also use library items with these labels")
+                class_inputs = []
+                for i, placeholder in enumerate(("e.g. normal", "e.g. pneumonia", "optional third class")):
+                    with gr.Row():
+                        name = gr.Textbox(label=f"Class {i + 1}", placeholder=placeholder, scale=1)
+                        examples = gr.File(label=f"Examples of class {i + 1}", file_count="multiple", scale=3)
+                    class_inputs += [name, examples]
+                fewshot_button = gr.Button("Classify the current upload", variant="primary")
+                fewshot_plot = gr.Plot(label="Probabilities")
+                fewshot_json = gr.JSON(visible=False)
+
+        # ---- wiring: every action has a public API name
+        view = [files, modality, centre, width]
+        classified = [status, preview, ecg_plot, prob_plot, prob_json]
+        opened = [status, preview, ecg_plot, modality, labels, window_box, centre, width, file_window, prob_plot,
+                  prob_json]
+        files.change(open_file, [files, labels], opened, api_name="open_file")
+        classify_button.click(classify, [files, modality, labels, centre, width], classified, api_name="classify")
+        labels.submit(classify, [files, modality, labels, centre, width], classified, api_name=False)
+        modality.input(change_modality, [files, modality, labels], labels, api_name="default_findings").success(
+            classify, [files, modality, labels, centre, width], classified, api_name=False)
+        preset.input(window_preset, [preset, file_window], [centre, width], api_name=False).success(
+            classify, [files, modality, labels, centre, width], classified, api_name=False)
+        apply_window.click(classify, [files, modality, labels, centre, width], classified, api_name=False)
+        for button, key in example_buttons:
+            button.click(example(key), None, files, api_name=f"example_{key}")
+
+        search_button.click(search_text, [query, search_modalities, k, per_modality], [gallery, search_note],
+                            api_name="search_text")
+        query.submit(search_text, [query, search_modalities, k, per_modality], [gallery, search_note], api_name=False)
+        similar_button.click(search_similar, [*view, k, other_only], [similar_gallery, similar_note],
+                             api_name="search_similar")
+        add_button.click(add_files, [add_files_input, add_label, add_modality], [add_status, summary],
+                         api_name="add_to_library", concurrency_id="heavy", concurrency_limit=1)
+        reset_button.click(reset_library, None, [add_status, summary], api_name="reset_library",
+                           concurrency_id="heavy", concurrency_limit=1)
+        demo.load(library_stats, None, summary, api_name="library_stats")
+
+        explore_tab.select(warm_map, None, None, api_visibility="private", queue=False)
+        map_button.click(draw_map, [color_by, prompts, place_query, *view], [map_plot, map_note], api_name="explore",
+                         concurrency_id="heavy", concurrency_limit=1)
+        fewshot_button.click(fewshot, [*view, method, use_library, *class_inputs], [fewshot_plot, fewshot_json],
+                             api_name="fewshot")
+    demo.queue(default_concurrency_limit=2)
+    demo.m3bind_workspace = ws  # for tests and benchmarks: the app's own state
+    return demo
+
+
+def launch_options(workspace: Workspace) -> dict[str, Any]:
+    """Where and how to serve: localhost unless told otherwise (a Space listens on all interfaces)."""
+    host = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
+    return dict(server_name=host, server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                max_file_size=MAX_UPLOAD, allowed_paths=[str(workspace.examples_dir)], show_error=False,
+                footer_links=["api"], theme=gr.themes.Soft(), css=CSS)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    demo = build_app()
+    demo.launch(**launch_options(demo.m3bind_workspace))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""The app's working state: one model, its persistent library, the example files, and the uploads.
+
+Everything the web app does with files, the model and the library goes through here, so ``app.py``
+only lays out the page. Where things live on disk (``M3BIND_HOME``, default ``~/.cache/m3bind``)::
+
+    examples/                 the example files (see ``m3bind.examples``), the only folder the app serves
+    libraries/<fingerprint>/  one library per model, so a new model never mixes with an old library
+
+The library keeps only a file's base name, a hash and a thumbnail of each item; readers never emit
+patient identifiers, so none are stored.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .batch import group_records, input_sha256, library_hashes
+from .errors import CorruptFileError, InputError
+from .examples import EXAMPLES, example_files, get_example
+from .explore import LibraryMap, MapCache
+from .fewshot import LogisticProbe, PrototypeClassifier
+from .library import Hit, Library
+from .readers import load_input
+from .sample import Sample
+
+Progress = Callable[[float, str], None]
+_CACHE_ITEMS = 32  # decoded uploads kept, so classify/search/explore of one upload decode it once
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("M3BIND_HOME") or Path.home() / ".cache" / "m3bind").expanduser()
+
+
+class Workspace:
+    def __init__(self, model: Any, home: str | os.PathLike | None = None):
+        self.model = model
+        self.home = Path(home) if home is not None else default_home()
+        self.examples_dir = self.home / "examples"
+        self.examples = example_files(self.examples_dir)
+        self.library_dir = self.home / "libraries" / model.fingerprint
+        self.notice = ""  # a one-time remark for the user (e.g. a damaged library was set aside)
+        self._write_lock = threading.Lock()
+        self._cache: OrderedDict[tuple, tuple[Sample, np.ndarray | None]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.maps = MapCache()
+        self.library = self._open_library()
+
+    # ------------------------------------------------------------------------------------ library
+    def _open_library(self) -> Library:
+        if self.library_dir.exists():
+            try:
+                return Library.load(self.library_dir, self.model.fingerprint)
+            except CorruptFileError:
+                aside = self.library_dir.with_name(f"{self.library_dir.name}.damaged-{int(time.time())}")
+                os.rename(self.library_dir, aside)
+                self.notice = (f"The saved library could not be read and was set aside ({aside.name}); "
+                               "a new one was started with the example files.")
+        library = Library.for_model(self.model)
+        self._add_examples(library)
+        library.save(self.library_dir)
+        return library
+
+    def _add_examples(self, library: Library) -> None:
+        samples, items = [], []
+        for example in EXAMPLES:
+            path = self.examples[example.key]
+            samples.append(load_input(path, example.modality))
+            items.append({"source": path.name, "sha256": input_sha256((path,)), "notes": example.notes})
+        library.add_samples(self.model, samples, items)
+
+    def reset_library(self) -> dict[str, Any]:
+        """Back to the examples only: the saved library is replaced."""
+        with self._write_lock:
+            fresh = Library.for_model(self.model)
+            self._add_examples(fresh)
+            fresh.save(self.library_dir)
+            old, self.library = self.library, fresh
+            old.close()
+        return self.library.stats()
+
+    def add_files(self, files: Sequence[str | os.PathLike], label: str | None = None, modality: str | None = None,
+                  progress: Progress | None = None) -> dict[str, Any]:
+        """Reads, embeds and adds uploaded files (a WFDB record's files count as one input), then saves.
+
+        Returns {"added", "skipped" (already in the library), "refused": [(name, reason)], "stats"}.
+        """
+        label = (label or "").strip() or None
+        with tempfile.TemporaryDirectory(prefix="m3bind-upload-") as tmp:
+            records, refused = group_records(_stage(files, Path(tmp)))
+            refused = [(Path(name).name, reason) for name, reason in refused]
+            with self._write_lock:
+                known = library_hashes(self.library)
+                samples, items, skipped = [], [], 0
+                for i, record in enumerate(records):
+                    if progress is not None:
+                        progress(i / max(1, len(records)), f"Reading {record[0].name}")
+                    try:
+                        sha = input_sha256(record)
+                        if sha in known:
+                            skipped += 1
+                            continue
+                        samples.append(load_input(list(record) if len(record) > 1 else record[0], modality))
+                    except InputError as exc:
+                        refused.append((record[0].name, str(exc)))
+                        continue
+                    known.add(sha)
+                    items.append({"source": record[0].name, "sha256": sha, "label": label})
+                if samples:
+                    if progress is not None:
+                        progress(0.95, f"Embedding {len(samples)} inputs")
+                    self.library.add_samples(self.model, samples, items)
+                    self.library.save(self.library_dir)
+        return {"added": len(samples), "skipped": skipped, "refused": refused, "stats": self.library.stats()}
+
+    def thumbnail(self, item_id: int) -> bytes | None:
+        return self.library.item(item_id)["thumbnail"]
+
+    def item_labels(self) -> dict[str, list[int]]:
+        """Label -> ids of the library items that carry it (for few-shot classes picked from the library)."""
+        by_label: dict[str, list[int]] = {}
+        ids, _ = self.library.vectors()
+        for item_id in ids:
+            label = self.library.item(int(item_id))["label"]
+            if label:
+                by_label.setdefault(label, []).append(int(item_id))
+        return by_label
+
+    # ------------------------------------------------------------------------------------ uploads
+    def read(self, files: str | os.PathLike | Sequence[str | os.PathLike] | None, modality: str | None = None,
+             window: tuple[float, float] | None = None) -> Sample:
+        """One uploaded input (an image, a DICOM file, an ECG file or the files of one WFDB record)."""
+        return self._entry(files, modality, window)[0]
+
+    def embed(self, files: Any, modality: str | None = None, window: tuple[float, float] | None = None) -> np.ndarray:
+        key = self._key(files, modality, window)
+        sample, vector = self._entry(files, modality, window)
+        if vector is None:
+            vector = np.asarray(self.model.embed(sample), dtype=np.float32)
+            with self._cache_lock:
+                self._cache[key] = (sample, vector)
+        return vector
+
+    def _entry(self, files: Any, modality: str | None, window: tuple[float, float] | None
+               ) -> tuple[Sample, np.ndarray | None]:
+        key = self._key(files, modality, window)
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        paths = [Path(p) for p in _as_list(files)]
+        with tempfile.TemporaryDirectory(prefix="m3bind-upload-") as tmp:
+            records, refused = group_records(_stage(paths, Path(tmp)))
+            if refused:
+                raise InputError(refused[0][1])
+            if len(records) != 1:
+                raise InputError("Give one input: one image or DICOM file, or the files of one ECG record "
+                                 f"(.hea with its .dat or .mat); {len(records)} were given.")
+            record = records[0]
+            sample = load_input(list(record) if len(record) > 1 else record[0], modality, window=window)
+        with self._cache_lock:
+            self._cache[key] = (sample, None)
+            while len(self._cache) > _CACHE_ITEMS:
+                self._cache.popitem(last=False)
+        return sample, None
+
+    @staticmethod
+    def _key(files: Any, modality: str | None, window: tuple[float, float] | None) -> tuple:
+        parts = []
+        for p in _as_list(files):
+            try:
+                st = os.stat(p)
+            except OSError:
+                raise InputError(f"The file {Path(p).name} is no longer available; upload it again.") from None
+            parts.append((str(p), st.st_size, st.st_mtime_ns))
+        return tuple(parts), modality, None if window is None else tuple(float(v) for v in window)
+
+    def example_path(self, key: str) -> Path:
+        get_example(key)
+        return self.examples[key]
+
+    # ------------------------------------------------------------------------------------- search
+    def search_text(self, text: str, k: int = 12, modalities: Sequence[str] | None = None,
+                    per_modality: bool = True) -> list[Hit]:
+        """Items nearest a finding. ``per_modality`` takes the top of each modality, so every modality
+        shows up even when one dominates the raw similarity scale."""
+        text = (text or "").strip()
+        if not text:
+            raise InputError("Type a finding to search for, e.g. \"pleural effusion\".")
+        query = self.model.embed_text([text])[0]
+        return self._search(query, k, modalities or None, None, per_modality)
+
+    def search_similar(self, files: Any, modality: str | None = None, window: tuple[float, float] | None = None,
+                       k: int = 12, other_modalities: bool = True) -> tuple[Sample, list[Hit]]:
+        """Items nearest an uploaded input; with ``other_modalities`` only those of other modalities."""
+        sample = self.read(files, modality, window)
+        query = self.embed(files, modality, window)
+        exclude = sample.modality if other_modalities else None
+        return sample, self._search(query, k, None, exclude, per_modality=other_modalities)
+
+    def _search(self, query: np.ndarray, k: int, modalities: Sequence[str] | None, exclude: str | None,
+                per_modality: bool) -> list[Hit]:
+        if k < 1:
+            raise InputError("Ask for at least one result.")
+        if not per_modality:
+            return self.library.search(query, k, modalities, exclude)
+        present = [m for m in self.library.stats()["per_modality"]
+                   if (not modalities or m in modalities) and m != exclude]
+        each = max(1, -(-k // max(1, len(present))))
+        hits = [h for m in present for h in self.library.search(query, each, m)]
+        return sorted(hits, key=lambda h: -h.score)[:max(k, len(present))]
+
+    # ------------------------------------------------------------------------------------ explore
+    def library_map(self) -> LibraryMap:
+        return self.maps.get(self.library)
+
+    # ----------------------------------------------------------------------------------- few-shot
+    def fewshot(self, query: Any, classes: dict[str, Sequence[Any]], method: str = "prototype",
+                modality: str | None = None, window: tuple[float, float] | None = None,
+                use_library: bool = False, progress: Progress | None = None) -> dict[str, float]:
+        """Probabilities of the query over classes learnt from a few examples each.
+
+        ``classes`` maps a class name to its example inputs (each a path or the files of one record);
+        with ``use_library`` the library items carrying that label are added to its examples.
+        """
+        classes = {name.strip(): list(inputs) for name, inputs in classes.items() if name and name.strip()}
+        vectors, labels = [], []
+        library_ids = self.item_labels() if use_library else {}
+        total = sum(len(v) for v in classes.values())
+        done = 0
+        for name, inputs in classes.items():
+            for example in inputs:
+                if progress is not None:
+                    progress(done / max(1, total), f"Embedding examples of {name}")
+                try:
+                    vectors.append(self.embed(example))
+                except InputError as exc:
+                    raise InputError(f"An example of \"{name}\" cannot be used: {exc}") from None
+                labels.append(name)
+                done += 1
+            ids = library_ids.get(name, [])
+            if ids:
+                vectors.extend(self.library.vectors(ids)[1])
+                labels.extend([name] * len(ids))
+        if len(set(labels)) < 2:
+            raise InputError("Give examples (files, or library items with that label) for at least two classes.")
+        if method == "prototype":
+            clf: Any = PrototypeClassifier(temperature=1.0 / self.model.config.logit_scale)
+        elif method == "probe":
+            clf = LogisticProbe()
+        else:
+            raise InputError(f"Unknown few-shot method {method!r}; use \"prototype\" or \"probe\".")
+        clf.fit(np.stack(vectors), labels)
+        probs = clf.predict_proba(self.embed(query, modality, window)[None])[0]
+        return {c: float(p) for c, p in zip(clf.classes_, probs)}
+
+
+def _as_list(files: Any) -> list:
+    if files is None:
+        raise InputError("Upload a file first (or pick an example).")
+    if isinstance(files, (str, os.PathLike)):
+        return [files]
+    items = [f for f in files if f]
+    if not items:
+        raise InputError("Upload a file first (or pick an example).")
+    return items
+
+
+def _stage(files: Sequence[str | os.PathLike], folder: Path) -> list[Path]:
+    """Links uploads under their own names into one folder, so a WFDB record's files sit side by side
+    (uploads arrive each in its own temporary folder); same-named files go to separate subfolders."""
+    staged = []
+    for i, src in enumerate(Path(f) for f in _as_list(files)):
+        if not src.is_file():
+            raise InputError(f"The file {src.name} is no longer available; upload it again.")
+        target = folder / src.name
+        if target.exists() or target.is_symlink():
+            target = folder / f"dup{i}" / src.name
+            target.parent.mkdir()
+        target.symlink_to(src.resolve())
+        staged.append(target)
+    return staged
+

@@ -1,0 +1,275 @@
+"""The real app, served on a local port and driven through gradio_client: every endpoint, bad inputs too."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from pydicom.data import get_testdata_file
+
+import m3bind
+from m3bind.library import Library
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TILES = SHARED / "pathology" / "lc25000_lung"
+PTBXL = SHARED / "ecg" / "ptbxl" / "records100" / "00000"
+CT = get_testdata_file("CT_small.dcm")
+ECG_DCM = get_testdata_file("waveform_ecg.dcm")
+PATIENT_NAME, PATIENT_ID = "Doe^Jane", "PID-998877"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """(demo, url): the app as ``python app.py`` builds it, with the real default model, on a free port."""
+    import app
+
+    home = tmp_path_factory.mktemp("m3bind-home")
+    demo = app.build_app(m3bind.load_model(), home)
+    options = app.launch_options(demo.m3bind_workspace)
+    assert options["server_name"] == "127.0.0.1" and options["allowed_paths"] == [str(home / "examples")]
+    port = free_port()
+    demo.launch(**{**options, "server_port": port, "prevent_thread_lock": True, "quiet": True})
+    yield demo, f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="session")
+def client(served):
+    return Client(served[1], verbose=False)
+
+
+@pytest.fixture(scope="session")
+def ws(served):
+    return served[0].m3bind_workspace
+
+
+@pytest.fixture(scope="session")
+def tiles():
+    if not TILES.is_dir():
+        pytest.skip(f"real data not found at {TILES}")
+    return {c: sorted((TILES / c).glob("*.jpg"))[:4] for c in ("lung_aca", "lung_n", "lung_scc")}
+
+
+@pytest.fixture(scope="session")
+def dicom_with_identifiers(tmp_path_factory) -> Path:
+    ds = pydicom.dcmread(CT)
+    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+    path = tmp_path_factory.mktemp("phi") / "ct_with_identifiers.dcm"
+    ds.save_as(path)
+    return path
+
+
+def probabilities(result) -> dict[str, float]:
+    probs = result[-1]
+    assert abs(sum(probs.values()) - 1) < 1e-4
+    return probs
+
+
+def test_every_action_is_a_named_endpoint(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/open_file", "/classify", "/default_findings", "/search_text", "/search_similar", "/add_to_library",
+            "/reset_library", "/library_stats", "/explore", "/fewshot"} <= names
+    assert {f"/example_{e.key}" for e in m3bind.examples.EXAMPLES} <= names
+
+
+def test_open_dicom_shows_modality_window_and_default_findings(client):
+    status, preview, ecg, modality, findings, centre, width, plot, probs = client.predict(
+        [handle_file(CT)], "", api_name="/open_file")
+    assert "**CT** (from the DICOM header)" in status and "window C" in status
+    assert preview["visible"] and Path(preview["value"]).suffix == ".png" and not ecg["visible"]
+    assert modality == "auto"
+    assert findings.splitlines() == list(m3bind.get_modality("ct").default_labels)
+    assert width > 0 and centre is not None
+    assert set(probabilities([probs])) == set(findings.splitlines())
+    assert json.loads(plot["plot"])["data"][0]["orientation"] == "h"
+
+
+def test_classify_png_with_comma_separated_findings(client):
+    retina = client.predict(api_name="/example_retina")[0]
+    result = client.predict([handle_file(retina)], "auto", "no diabetic retinopathy, proliferative diabetic retinopathy",
+                            None, None, api_name="/classify")
+    assert "Retina fundus" in result[0] and "PNG" in result[0]
+    assert set(probabilities(result)) == {"no diabetic retinopathy", "proliferative diabetic retinopathy"}
+    bars = json.loads(result[3]["plot"])["data"][0]
+    assert bars["x"] == sorted(bars["x"])  # most probable drawn last, i.e. on top
+
+
+def test_classify_wfdb_pair_draws_twelve_leads(client):
+    if not PTBXL.is_dir():
+        pytest.skip("PTB-XL records not found")
+    header = sorted(PTBXL.glob("*.hea"))[0]
+    record = [handle_file(header), handle_file(header.with_suffix(".dat"))]
+    status, preview, ecg, plot, probs = client.predict(record, "auto", "normal ECG\nmyocardial infarction", None, None,
+                                                       api_name="/classify")
+    assert "12-lead ECG" in status and "all 12 leads" in status
+    traces = json.loads(ecg["value"]["plot"])["data"]
+    assert {t["name"] for t in traces} >= {"I", "aVR", "V6", "II (rhythm)"}
+    assert ecg["visible"] and not preview["visible"]
+    assert set(probs) == {"normal ECG", "myocardial infarction"}
+
+
+def test_window_and_modality_override(client):
+    windowed = client.predict([handle_file(CT)], "auto", "normal CT\ntumor", 40, 400, api_name="/classify")
+    assert "window C 40 / W 400 (user)" in windowed[0]
+    overridden = client.predict([handle_file(CT)], "xray", "pneumonia\nnormal", None, None, api_name="/classify")
+    assert "Chest X-ray" in overridden[0] and "chosen by you" in overridden[0]
+
+
+@pytest.mark.parametrize("modality, findings, message", [
+    ("ecg", "normal ECG\nmyocardial infarction", "not a 12-lead ECG recording"),
+    ("auto", "only one finding", "at least two"),
+])
+def test_refusals_are_readable(client, modality, findings, message):
+    with pytest.raises(AppError, match=message):
+        client.predict([handle_file(CT)], modality, findings, None, None, api_name="/classify")
+
+
+def test_random_bytes_are_refused_and_the_app_keeps_serving(client, tmp_path):
+    junk = tmp_path / "scan.dcm"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    opened = client.predict([handle_file(junk)], "", api_name="/open_file")
+    assert opened[0].startswith("❌ **Cannot read this file.**") and "Traceback" not in opened[0]
+    with pytest.raises(AppError, match="DICOM") as refused:
+        client.predict([handle_file(junk)], "auto", "a\nb", None, None, api_name="/classify")
+    assert "Traceback" not in str(refused.value)
+    with pytest.raises(AppError, match="Upload a file first"):
+        client.predict([], "auto", "a\nb", None, None, api_name="/classify")
+    assert "CT" in client.predict([handle_file(CT)], "auto", "normal CT\ntumor", None, None, api_name="/classify")[0]
+
+
+def test_server_paths_and_oversized_uploads_are_refused(served, client, tmp_path):
+    _, url = served
+    assert httpx.get(f"{url}gradio_api/file=/etc/passwd").status_code in (403, 404)
+    payload = {"data": [[{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}], "auto", "a\nb", None, None]}
+    event = httpx.post(f"{url}gradio_api/call/classify", json=payload).json()["event_id"]
+    stream = httpx.get(f"{url}gradio_api/call/classify/{event}", timeout=60).text
+    assert "event: error" in stream and "root:" not in stream
+    big = tmp_path / "big.png"
+    with open(big, "wb") as fh:
+        fh.truncate(101 * 2**20)  # just over the 100 MB upload limit
+    with pytest.raises(Exception, match="(?i)too large|exceeds|413"):
+        client.predict([handle_file(big)], "auto", "a\nb", None, None, api_name="/classify")
+
+
+def test_default_findings_follow_the_modality_unless_typed(client):
+    ct_defaults = "\n".join(m3bind.get_modality("ct").default_labels)
+    assert client.predict([handle_file(CT)], "retina", ct_defaults, api_name="/default_findings").splitlines() == \
+        list(m3bind.get_modality("retina").default_labels)
+    assert client.predict([handle_file(CT)], "retina", "my own\nfindings", api_name="/default_findings") == \
+        "my own\nfindings"
+    assert client.predict([handle_file(CT)], "auto", "", api_name="/default_findings") == ct_defaults
+
+
+def test_examples_are_one_click_away(client):
+    for example in m3bind.examples.EXAMPLES:
+        (path,) = client.predict(api_name=f"/example_{example.key}")
+        assert Path(path).name == example.filename
+        assert m3bind.load_input(path).modality == example.modality
+
+
+def test_text_search_spans_every_modality_and_filters(client):
+    gallery, note = client.predict("pleural effusion", [], 12, True, api_name="/search_text")
+    titles = {item["caption"].split(" · ")[0] for item in gallery}
+    assert len(titles) == 6 and "12-lead ECG" in titles and "results" in note
+    assert all(Path(item["image"]).is_file() for item in gallery)
+    ct_only, _ = client.predict("hemorrhage", ["ct"], 3, False, api_name="/search_text")
+    assert [item["caption"].split(" · ")[0] for item in ct_only] == ["CT"]
+    with pytest.raises(AppError, match="Type a finding"):
+        client.predict("  ", [], 12, True, api_name="/search_text")
+
+
+def test_similar_items_come_from_other_modalities(client):
+    gallery, note = client.predict([handle_file(ECG_DCM)], "auto", None, None, 10, True, api_name="/search_similar")
+    captions = [item["caption"] for item in gallery]
+    assert captions and not any(c.startswith("12-lead ECG") for c in captions)
+    scores = [float(c.split(" · ")[1]) for c in captions]
+    assert scores == sorted(scores, reverse=True) and "other modalities than 12-lead ECG" in note
+    same, _ = client.predict([handle_file(ECG_DCM)], "auto", None, None, 1, False, api_name="/search_similar")
+    assert same[0]["caption"].startswith("12-lead ECG") and float(same[0]["caption"].split(" · ")[1]) > 0.99
+
+
+def test_library_add_explore_fewshot_reset(client, ws, tiles, dicom_with_identifiers, tmp_path):
+    assert client.predict(api_name="/library_stats").startswith("**Library:** 6 items")
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not an image")
+    aca = [handle_file(p) for p in tiles["lung_aca"]]
+    status, summary = client.predict([*aca, handle_file(junk), handle_file(dicom_with_identifiers)], "lung_aca",
+                                     "auto", api_name="/add_to_library")
+    assert "Added **5**" in status and "refused 1" in status and "notes.txt" in status
+    status, summary = client.predict([handle_file(p) for p in tiles["lung_n"] + tiles["lung_scc"]], "lung_n", "auto",
+                                      api_name="/add_to_library")
+    assert "Added **8**" in status and "**Library:** 19 items" in summary
+    again, _ = client.predict(aca, "lung_aca", "auto", api_name="/add_to_library")
+    assert "Added **0**, already in the library 4" in again
+
+    # persisted, without identifiers
+    saved = Library.load(ws.library_dir, ws.model.fingerprint)
+    assert len(saved) == 19
+    saved.close()
+    for file in ws.library_dir.iterdir():
+        data = file.read_bytes()
+        assert PATIENT_ID.encode() not in data and b"Doe" not in data and str(tmp_path).encode() not in data
+
+    # explore: 19 items, so UMAP; the query and prompts are placed, the map is not refitted
+    started = time.perf_counter()
+    plot, note = client.predict("label", "adenocarcinoma\nnormal ECG", True, [handle_file(tiles["lung_aca"][0])],
+                                "auto", None, None, api_name="/explore")
+    traces = {t["name"]: t for t in json.loads(plot["plot"])["data"]}
+    assert note.startswith("UMAP of 19 items"), note
+    assert "lung_aca (5)" in traces and "text prompts" in traces and "your upload (Pathology (H&E))" in traces
+    first_map = ws.library_map()
+    plot2, _ = client.predict("modality", "", False, None, "auto", None, None, api_name="/explore")
+    assert ws.library_map() is first_map and "text prompts" not in plot2["plot"]
+    print(f"explore with UMAP took {time.perf_counter() - started:.1f} s")
+
+    # few-shot from uploads, and from library labels
+    query = [handle_file(tiles["lung_scc"][-1])]
+    plot, probs = client.predict(query, "auto", None, None, "prototype", False,
+                                 "adenocarcinoma", [handle_file(p) for p in tiles["lung_aca"][:2]],
+                                 "benign", [handle_file(p) for p in tiles["lung_n"][:2]], "", [],
+                                 api_name="/fewshot")
+    assert set(probs) == {"adenocarcinoma", "benign"} and abs(sum(probs.values()) - 1) < 1e-4
+    _, probs = client.predict(query, "auto", None, None, "probe", True, "lung_aca", [], "lung_n", [], "", [],
+                              api_name="/fewshot")
+    assert set(probs) == {"lung_aca", "lung_n"}
+    with pytest.raises(AppError, match="at least two classes"):
+        client.predict(query, "auto", None, None, "prototype", False, "only", [handle_file(tiles["lung_n"][0])],
+                       "", [], "", [], api_name="/fewshot")
+
+    status, summary = client.predict(api_name="/reset_library")
+    assert "**Library:** 6 items" in summary and len(ws.library) == 6
+
+
+def test_spaces_and_env_choose_the_interface(ws, monkeypatch):
+    import app
+
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.setenv("SPACE_ID", "someone/m3bind")
+    assert app.launch_options(ws)["server_name"] == "0.0.0.0"
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "10.1.2.3")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "8123")
+    assert (app.launch_options(ws)["server_name"], app.launch_options(ws)["server_port"]) == ("10.1.2.3", 8123)
+
+
+def test_parse_findings():
+    import app
+
+    assert app.parse_findings("pneumonia, effusion ,pneumonia") == ["pneumonia", "effusion"]
+    assert app.parse_findings("- consolidation, left lower lobe\n- Effusion\n\neffusion") == \
+        ["consolidation, left lower lobe", "Effusion"]
+    assert app.parse_findings(None) == []

@@ -1,0 +1,107 @@
+"""Training: the losses behave as the method needs, distillation closes the gap, and the whole pipeline
+(teachers, stage 1, stage 2, export) runs end to end on real data, resumes, and is deterministic."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import m3bind
+from train.losses import class_aware_contrastive, distillation, pairwise_alignment, same_class_targets
+from train.pipeline import REPO, PipelineConfig, run
+from train.stages import StageConfig, distill, text_only_model
+
+
+def unit(x):
+    return F.normalize(x, dim=-1)
+
+
+def test_alignment_loss_is_zero_for_identical_encoders_and_grows_with_disagreement():
+    torch.manual_seed(0)
+    emb = unit(torch.randn(8, 16))
+    assert pairwise_alignment([emb, emb.clone(), emb.clone()]).item() == 0.0
+    other = unit(torch.randn(8, 16))
+    two = pairwise_alignment([emb, other]).item()
+    assert two > 0
+    assert pairwise_alignment([emb, other, other]).item() == pytest.approx(2 * two, rel=1e-5)
+
+
+def test_same_class_targets_spread_over_positives():
+    targets = same_class_targets(["a", "b", "a", "c"])
+    torch.testing.assert_close(targets.sum(1), torch.ones(4))
+    assert targets[0, 2] == targets[0, 0] == 0.5 and targets[1, 1] == 1.0
+
+
+def test_class_aware_contrastive_does_not_punish_same_class_captions():
+    """Which caption of its class an item is paired with does not matter to the class-aware loss, whereas
+    plain InfoNCE (every item its own class) treats the other same-class caption as a negative."""
+    torch.manual_seed(0)
+    classes = unit(torch.randn(3, 16))
+    image = unit(classes[[0, 0, 1, 2]] + 0.1 * torch.randn(4, 16))
+    text = unit(classes[[0, 0, 1, 2]] + 0.1 * torch.randn(4, 16))
+    swapped = text[[1, 0, 2, 3]]  # the two class-0 captions exchanged
+    keys, plain = [0, 0, 1, 2], [0, 1, 2, 3]
+    torch.testing.assert_close(class_aware_contrastive(image, text, keys, 30.0),
+                               class_aware_contrastive(image, swapped, keys, 30.0))
+    assert abs(class_aware_contrastive(image, text, plain, 30.0) - class_aware_contrastive(image, swapped, plain, 30.0)) > 1e-3
+    wrong = text[[2, 3, 0, 1]]  # captions of other classes
+    assert class_aware_contrastive(image, wrong, keys, 30.0) > class_aware_contrastive(image, text, keys, 30.0) + 1
+
+
+def test_distillation_loss():
+    x = unit(torch.randn(5, 8))
+    assert distillation(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation(x, -x).item() == pytest.approx(2.0, abs=1e-5)
+
+
+def test_distillation_reduces_the_student_teacher_gap_on_held_out_texts(tiny_model, shared_data):
+    from train.captions import shared_text_corpus
+
+    teacher = copy.deepcopy(tiny_model)
+    texts = shared_text_corpus(shared_data, max_per_source=80, seed=0)
+    train_texts, held_out = texts[:300], texts[300:400]
+    student = text_only_model(tiny_model.config.text, tiny_model.dim, "student", seed=1)
+
+    def gap() -> float:
+        return float(1 - (student.embed_text(held_out) * teacher.embed_text(held_out)).sum(1).mean())
+
+    before = gap()
+    distill(student, {"xray": teacher}, {"xray": train_texts}, StageConfig(steps=80, batch_size=64, lr=1e-2))
+    after = gap()
+    assert after < 0.5 * before, (before, after)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, shared_data):
+    root = tmp_path_factory.mktemp("tiny-run")
+    cfg = PipelineConfig.from_yaml(REPO / "train" / "configs" / "tiny.yaml", data_root=str(shared_data))
+    cfg.run_dir, cfg.export_dir = root / "run", root / "export"
+    model = run(cfg)
+    return cfg, model
+
+
+def test_tiny_pipeline_runs_every_stage_and_exports_a_loadable_model(tiny_run, shared_data):
+    cfg, model = tiny_run
+    for stage in ("teachers", "aligned", "student"):
+        assert (cfg.run_dir / stage / "DONE").is_file()
+    loaded = m3bind.load_model(cfg.export_dir, device="cpu")
+    assert sorted(loaded.modalities) == sorted(cfg.modalities)
+    assert "demonstration model" in (cfg.export_dir / "README.md").read_text()
+    ecg = m3bind.load_input(sorted((shared_data / "ecg" / "ptbxl").rglob("*.hea"))[0])
+    np.testing.assert_array_equal(model.embed(ecg), loaded.embed(ecg))
+    probs = loaded.classify(ecg, ["normal ECG", "myocardial infarction"])
+    assert abs(sum(probs.values()) - 1) < 1e-5
+
+
+def test_tiny_pipeline_resumes_from_its_checkpoints_and_is_deterministic(tiny_run, tmp_path, shared_data):
+    cfg, model = tiny_run
+    again = run(dataclasses.replace(cfg, export_dir=tmp_path / "resumed"))  # every stage loads from its checkpoint
+    assert again.fingerprint == m3bind.load_model(cfg.export_dir, device="cpu").fingerprint
+    fresh = run(dataclasses.replace(cfg, run_dir=tmp_path / "fresh", export_dir=tmp_path / "fresh-export"))
+    assert fresh.fingerprint == again.fingerprint
