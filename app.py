@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a clinical tool phones nowhere by default
@@ -30,6 +31,7 @@ from m3bind.workspace import Workspace  # noqa: E402
 log = logging.getLogger("m3bind.app")
 
 MAX_UPLOAD = "100mb"
+PREVIEW_MIN_SIDE = 384
 AUTO = "auto"
 METHODS = [("Prototypes (class means, works from 1 example)", "prototype"),
            ("Linear probe (logistic regression, better with several)", "probe")]
@@ -117,11 +119,14 @@ def _describe(sample: m3bind.Sample) -> str:
 
 
 def _views(sample: m3bind.Sample) -> tuple[Any, Any]:
-    """(image update, ECG plot update): show whichever fits the sample."""
+    """(image update, ECG plot update): show whichever fits the sample. Small images are enlarged by an
+    integer factor (nearest neighbour: every pixel stays a visible square, nothing is interpolated)."""
     if sample.kind == "ecg":
         title = m3bind.get_modality(sample.modality).title
         return gr.update(value=None, visible=False), gr.update(value=figures.ecg_figure(sample, title), visible=True)
-    return gr.update(value=sample.preview, visible=True), gr.update(value=None, visible=False)
+    factor = max(1, PREVIEW_MIN_SIDE // max(sample.preview.shape[:2]))
+    image = np.repeat(np.repeat(sample.preview, factor, axis=0), factor, axis=1) if factor > 1 else sample.preview
+    return gr.update(value=image, visible=True), gr.update(value=None, visible=False)
 
 
 def _gallery(ws: Workspace, hits: list) -> list[tuple[Image.Image, str]]:
@@ -250,7 +255,8 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
             query = lmap.place(ws.embed(files, _modality(modality), window_for(files, centre, width)))[0]
             name = f"your upload ({m3bind.get_modality(sample.modality).title})"
         fig = figures.map_figure(lmap, color_by, query, name or "your upload", list(zip(texts, prompt_xy)))
-        return fig, f"{lmap.note} The upload and the prompts are placed into the map, which is not refitted."
+        return fig, (f"{lmap.method} map of {len(lmap.ids)} library items; the upload and the prompts are placed "
+                     "into it without refitting it.")
 
     def warm_map():
         if len(ws.library) >= explore.MIN_UMAP_ITEMS:
@@ -263,10 +269,14 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
         for name, examples in ((name1, examples1), (name2, examples2), (name3, examples3)):
             if name and name.strip():
                 named[name.strip()] = examples or []
-        probs = ws.fewshot(files, named, method, _modality(modality), window_for(files, centre, width), bool(use_library),
+        window = window_for(files, centre, width)
+        probs = ws.fewshot(files, named, method, _modality(modality), window, bool(use_library),
                            progress=lambda f, d: progress(f, desc=d))
+        sample = ws.read(files, _modality(modality), window)
         title = "Few-shot probabilities (" + dict((v, k) for k, v in METHODS)[method].split(" (")[0] + ")"
-        return figures.probability_figure(probs, title), probs
+        names = ", ".join(Path(f).name for f in files)
+        note = f"Classified: **{names}** ({m3bind.get_modality(sample.modality).title}), the file of the Classify tab."
+        return figures.probability_figure(probs, title), probs, note
 
     with gr.Blocks(title="M3Bind") as demo:
         gr.Markdown(_header(ws))
@@ -289,11 +299,11 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
                         modality = gr.Dropdown(modality_choices, value=AUTO, label="Modality",
                                                info="Detected from the file; change it if the detection is wrong.")
                         with gr.Accordion("DICOM window", open=True, visible=False) as window_box:
-                            preset = gr.Dropdown(["File default", *WINDOW_PRESETS], value="File default",
-                                                 label="Preset")
                             with gr.Row():
-                                centre = gr.Number(label="Centre", precision=1)
-                                width = gr.Number(label="Width", precision=1, minimum=0)
+                                preset = gr.Dropdown(["File default", *WINDOW_PRESETS], value="File default",
+                                                     label="Preset", scale=2, min_width=140)
+                                centre = gr.Number(label="Centre", precision=1, min_width=80)
+                                width = gr.Number(label="Width", precision=1, minimum=0, min_width=80)
                             apply_window = gr.Button("Apply window", size="sm")
                         file_window = gr.State(None)
                         labels = gr.Textbox(label="Candidate findings (one per line)", lines=6,
@@ -320,13 +330,15 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
                     per_modality = gr.Checkbox(True, label="Best of each modality")
                     search_button = gr.Button("Search", variant="primary", elem_id="search-button")
                 search_note = gr.Markdown()
-                gallery = gr.Gallery(label="Results", columns=6, height="auto", format="png", elem_id="results")
+                gallery = gr.Gallery(label="Results", columns=4, height="auto", format="png", object_fit="contain",
+                                     elem_id="results")
                 gr.Markdown("### Similar items of other modalities\nUses the file of the Classify tab as the query.")
                 with gr.Row():
                     other_only = gr.Checkbox(True, label="Other modalities only")
                     similar_button = gr.Button("Find similar to the current upload", elem_id="similar-button")
                 similar_note = gr.Markdown()
-                similar_gallery = gr.Gallery(label="Similar items", columns=6, height="auto", format="png")
+                similar_gallery = gr.Gallery(label="Similar items", columns=4, height="auto", format="png",
+                                             object_fit="contain", elem_id="similar")
                 with gr.Accordion("Add files to the library", open=False):
                     gr.Markdown("Only the file name, a hash and a thumbnail are kept; nothing from DICOM headers "
                                 "that identifies a patient. The library is saved on the server.")
@@ -363,11 +375,14 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
                 class_inputs = []
                 for i, placeholder in enumerate(("e.g. normal", "e.g. pneumonia", "optional third class")):
                     with gr.Row():
-                        name = gr.Textbox(label=f"Class {i + 1}", placeholder=placeholder, scale=1)
-                        examples = gr.File(label=f"Examples of class {i + 1}", file_count="multiple", scale=3)
+                        name = gr.Textbox(label=f"Class {i + 1}", placeholder=placeholder, scale=1,
+                                          elem_id=f"class-{i + 1}-name")
+                        examples = gr.File(label=f"Examples of class {i + 1}", file_count="multiple", scale=3,
+                                           height=120, elem_id=f"class-{i + 1}-files")
                     class_inputs += [name, examples]
-                fewshot_button = gr.Button("Classify the current upload", variant="primary")
-                fewshot_plot = gr.Plot(label="Probabilities")
+                fewshot_button = gr.Button("Classify the current upload", variant="primary", elem_id="fewshot-button")
+                fewshot_note = gr.Markdown(elem_id="fewshot-note")
+                fewshot_plot = gr.Plot(label="Probabilities", elem_id="fewshot-plot")
                 fewshot_json = gr.JSON(visible=False)
 
         # ---- wiring: every action has a public API name
@@ -400,7 +415,7 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
         explore_tab.select(warm_map, None, None, api_visibility="private", queue=False)
         map_button.click(draw_map, [color_by, prompts, place_query, *view], [map_plot, map_note], api_name="explore",
                          concurrency_id="heavy", concurrency_limit=1)
-        fewshot_button.click(fewshot, [*view, method, use_library, *class_inputs], [fewshot_plot, fewshot_json],
+        fewshot_button.click(fewshot, [*view, method, use_library, *class_inputs], [fewshot_plot, fewshot_json, fewshot_note],
                              api_name="fewshot")
     demo.queue(default_concurrency_limit=2)
     demo.m3bind_workspace = ws  # for tests and benchmarks: the app's own state
@@ -412,7 +427,9 @@ def launch_options(workspace: Workspace) -> dict[str, Any]:
     host = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     return dict(server_name=host, server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
                 max_file_size=MAX_UPLOAD, allowed_paths=[str(workspace.examples_dir)], show_error=False,
-                footer_links=["api"], theme=gr.themes.Soft(), css=CSS)
+                footer_links=["api"], css=CSS,
+                theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],  # no web-font requests
+                                     font_mono=["ui-monospace", "monospace"]))
 
 
 def main() -> None:

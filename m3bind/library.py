@@ -12,12 +12,15 @@ Choices, and why:
   (cosine: vectors are unit norm). Above it the index is rebuilt from the factory string (default
   ``IVF{nlist},Flat``, nlist = 4 sqrt(N), trained on a sample of the library's own vectors) and rebuilt
   again each time the library grows 4x past its last training, so the lists stay balanced. IVF was
-  picked over HNSW by measuring (bench/README.md): HNSW32 took minutes to build 1M vectors on 2 cores
-  and faiss cannot remove items from it. ``nprobe`` is calibrated at every build: held-out items are
-  searched against exact search and the smallest nprobe whose recall@10 reaches ``target_recall`` wins.
+  picked over HNSW by measuring (bench/README.md): on 2 cores HNSW32 built 6x slower for the same
+  recall and latency, and faiss cannot remove items from it. ``nprobe`` is calibrated at every build:
+  held-out items are searched against exact search; the smallest nprobe whose recall@10 reaches
+  ``target_recall`` wins.
 * **Modality filter** is a faiss ``IDSelectorBitmap`` over ids. A modality with at most
-  ``exact_threshold`` items is searched through all IVF lists (exact for that modality, however rare it
-  is); a larger one uses nprobe scaled by 1/(its share of the library).
+  ``exact_threshold`` items is searched exactly, however rare, by scanning just the IVF lists that hold
+  its items; a larger one is probed with nprobe scaled by 1/(its share of the library), which suits
+  queries near that modality's items; ``exact=True`` makes any search exact (cross-modal queries far
+  from the modality's items, evaluations).
 * **Thumbnails**: images become a PNG of at most 128 px; ECGs a 128x48 PNG trace of lead II (or of the
   first recorded lead), so lists of hits need no plotting.
 * **Sources** keep only a file's base name and a SHA-256, never a directory path.
@@ -355,7 +358,10 @@ class Library:
             raise LibraryMismatchError(
                 f"This library was built with model {fingerprint}; the loaded model is {expected_fingerprint}. "
                 "Rebuild the library with the loaded model.")
-        lib = cls(dim, fingerprint, **settings)
+        try:
+            lib = cls(dim, fingerprint, **settings)
+        except ValueError as exc:
+            raise CorruptFileError(f"The library {target.name} is damaged (its settings are invalid).") from exc
         try:
             index = faiss.read_index(str(target / _INDEX_FILE))
             lib._load_items(target / _ITEMS_FILE)
@@ -363,11 +369,12 @@ class Library:
             lib.close()
             raise CorruptFileError(f"The library {target.name} is damaged (its index or items cannot be read).") \
                 from exc
-        if index.d != dim or index.ntotal != int((lib._modality_of >= 0).sum()):
+        next_id, trained_size, nprobe = state
+        is_ivf = isinstance(faiss.downcast_index(index), faiss.IndexIVF)
+        if index.d != dim or index.ntotal != int((lib._modality_of >= 0).sum()) or is_ivf != (trained_size > 0):
             lib.close()
             raise CorruptFileError(f"The library {target.name} is damaged (index and items disagree).")
-        lib._index = index
-        next_id, lib._trained_size, lib._nprobe = state
+        lib._index, lib._trained_size, lib._nprobe = index, trained_size, nprobe
         lib._next_id = max(next_id, len(lib._modality_of))
         return lib
 

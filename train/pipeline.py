@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -25,7 +26,8 @@ from m3bind.config import EcgTowerConfig, ImageTowerConfig
 
 from .captions import modality_texts, shared_text_corpus
 from .stages import (
-    ModalityData, StageConfig, align, bind, distill, load_modality_data, new_teacher, text_only_model, train_teacher,
+    ModalityData, StageConfig, TextFeatures, align, bind, distill, load_modality_data, new_teacher, text_only_model,
+    train_teacher,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +56,7 @@ class PipelineConfig:
     align: StageConfig = field(default_factory=StageConfig)
     distill: StageConfig = field(default_factory=StageConfig)
     shared_texts: int = 4000  # size of the shared text corpus of stage 1
+    distill_texts: int | None = None  # cap on stage 2 texts per modality (None: all captions + corpus)
     evaluate: bool = True
 
     @classmethod
@@ -95,6 +98,7 @@ def run(cfg: PipelineConfig) -> M3BindModel:
     data: dict[str, ModalityData] = {
         m: load_modality_data(teachers[m], m, plan.datasets, "train", cfg.data_root, plan.max_items, cfg.seed)
         for m, plan in cfg.modalities.items()}
+    base_features = TextFeatures(next(iter(teachers.values())))  # every teacher starts from the same text base
     timings["decode"] = time.time() - started
 
     stage_dir = cfg.run_dir / "teachers"
@@ -103,7 +107,8 @@ def run(cfg: PipelineConfig) -> M3BindModel:
     else:
         t0 = time.time()
         for i, m in enumerate(names):
-            train_teacher(teachers[m], data[m], cfg.teacher, cfg.seed + i, cfg.modalities[m].trainable_fraction)
+            train_teacher(teachers[m], data[m], cfg.teacher, cfg.seed + i, cfg.modalities[m].trainable_fraction,
+                          base_features)
         _save_stage(teachers, stage_dir, time.time() - t0)
     timings["teachers"] = time.time() - started - sum(timings.values())
 
@@ -113,7 +118,8 @@ def run(cfg: PipelineConfig) -> M3BindModel:
     else:
         t0 = time.time()
         shared = shared_text_corpus(cfg.data_root, max_per_source=max(1, cfg.shared_texts // 5), seed=cfg.seed)
-        aligned = align({m: copy.deepcopy(t) for m, t in teachers.items()}, data, shared, cfg.align, cfg.seed)
+        aligned = align({m: copy.deepcopy(t) for m, t in teachers.items()}, data, shared, cfg.align, cfg.seed,
+                        base_features)
         _save_stage(aligned, stage_dir, time.time() - t0)
     timings["align"] = time.time() - started - sum(timings.values())
 
@@ -122,10 +128,16 @@ def run(cfg: PipelineConfig) -> M3BindModel:
         student = _load_stage(stage_dir, ["text"])["text"]
     else:
         t0 = time.time()
-        texts = {m: sorted({t for caps in data[m].captions for t in caps} | set(modality_texts(m, cfg.data_root)))
-                 for m in names}
+        rng = np.random.default_rng(cfg.seed)
+        texts = {}
+        for m in names:
+            pool = sorted({t for caps in data[m].captions for t in caps} | set(modality_texts(m, cfg.data_root)))
+            if cfg.distill_texts and len(pool) > cfg.distill_texts:
+                pool = [pool[i] for i in sorted(rng.choice(len(pool), cfg.distill_texts, replace=False))]
+            texts[m] = pool
         student = text_only_model(cfg.text, cfg.dim, f"{cfg.name}-student", cfg.seed)
-        distill(student, aligned, texts, cfg.distill, cfg.seed)
+        distill(student, aligned, texts, cfg.distill, cfg.seed,
+                base_features if cfg.align.lora_layers == 0 else None)
         _save_stage({"text": student}, stage_dir, time.time() - t0)
     timings["distill"] = time.time() - started - sum(timings.values())
 

@@ -98,7 +98,11 @@ def augment(batch: torch.Tensor, kind: str, generator: torch.Generator) -> torch
 
 # ----------------------------------------------------------------------------------------------- text
 class TextFeatures:
-    """Pooled sentence vectors of a frozen text body, computed once per distinct text."""
+    """Pooled sentence vectors of a frozen text body, computed once per distinct text.
+
+    Every model whose body is still the unchanged base (all teachers before stage 1 LoRA, the student
+    without LoRA) can share one instance: only their projections differ.
+    """
 
     def __init__(self, model: M3BindModel, batch_size: int = 128):
         self.model = model
@@ -194,10 +198,11 @@ def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sc
 class _ModalityRun:
     """One teacher's training state inside a stage: data, optimiser, temperature, text cache."""
 
-    def __init__(self, model: M3BindModel, data: ModalityData, cfg: StageConfig, seed: int):
+    def __init__(self, model: M3BindModel, data: ModalityData, cfg: StageConfig, seed: int,
+                 base_features: TextFeatures | None = None):
         self.model, self.data, self.cfg = model, data, cfg
         self.kind = "ecg" if data.inputs.dim() == 3 else "image"
-        self.cache = TextFeatures(model) if cfg.lora_layers == 0 else None
+        self.cache = (base_features or TextFeatures(model)) if cfg.lora_layers == 0 else None
         self.log_scale = nn.Parameter(torch.tensor(math.log(model.config.logit_scale)))
         self.optimizer = _optimizer(model, data.modality, self.log_scale, cfg)
         self.scheduler = _schedule(self.optimizer, cfg.steps)
@@ -224,11 +229,11 @@ class _ModalityRun:
 
 
 def train_teacher(model: M3BindModel, data: ModalityData, cfg: StageConfig, seed: int = 0,
-                  trainable_fraction: float = 1.0) -> M3BindModel:
+                  trainable_fraction: float = 1.0, base_features: TextFeatures | None = None) -> M3BindModel:
     freeze_text_body(model)
     freeze_tower_bottom(model, data.modality, trainable_fraction)
     model.train()
-    run = _ModalityRun(model, data, cfg, seed)
+    run = _ModalityRun(model, data, cfg, seed, base_features)
     for _ in tqdm(range(cfg.steps), desc=f"teacher {data.modality}"):
         run.step(run.contrastive_loss())
     run.finish()
@@ -236,7 +241,7 @@ def train_teacher(model: M3BindModel, data: ModalityData, cfg: StageConfig, seed
 
 
 def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], shared_texts: Sequence[str],
-          cfg: StageConfig, seed: int = 0) -> dict[str, M3BindModel]:
+          cfg: StageConfig, seed: int = 0, base_features: TextFeatures | None = None) -> dict[str, M3BindModel]:
     """Stage 1: own contrastive loss per teacher + pairwise MSE of their text embeddings of shared texts."""
     runs = {}
     for i, (modality, model) in enumerate(teachers.items()):
@@ -244,7 +249,7 @@ def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], share
         if cfg.lora_layers:
             add_lora(model, cfg.lora_rank, cfg.lora_layers)
         model.train()
-        runs[modality] = _ModalityRun(model, data[modality], cfg, seed + i)
+        runs[modality] = _ModalityRun(model, data[modality], cfg, seed + i, base_features)
     rng = np.random.default_rng(seed)
     progress = tqdm(range(cfg.steps), desc="stage 1 align")
     for _ in progress:
@@ -267,14 +272,21 @@ def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], share
 
 
 def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[str, Sequence[str]],
-            cfg: StageConfig, seed: int = 0) -> M3BindModel:
-    """Stage 2: the student's text embeddings reproduce each teacher's on that modality's texts."""
-    targets = {m: torch.from_numpy(teachers[m].embed_text(list(texts[m]))) for m in teachers}
+            cfg: StageConfig, seed: int = 0, base_features: TextFeatures | None = None) -> M3BindModel:
+    """Stage 2: the student's text embeddings reproduce each teacher's on that modality's texts.
+
+    ``base_features`` (pooled vectors of the shared, still frozen text base) lets teachers whose body was
+    never adapted be evaluated through their projection alone.
+    """
+    with torch.no_grad():
+        targets = {m: (F.normalize(t.text.proj(base_features(texts[m])), dim=-1) if base_features is not None
+                       else torch.from_numpy(t.embed_text(list(texts[m])))) for m, t in teachers.items()}
     freeze_text_body(student)
     if cfg.lora_layers:
         add_lora(student, cfg.lora_rank, cfg.lora_layers)
     student.train()
-    cache = TextFeatures(student) if cfg.lora_layers == 0 else None
+    cache = base_features if cfg.lora_layers == 0 and base_features is not None else (
+        TextFeatures(student) if cfg.lora_layers == 0 else None)
     params = [p for p in student.text.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = _schedule(optimizer, cfg.steps)

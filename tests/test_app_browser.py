@@ -1,0 +1,132 @@
+"""The app in a real headless Chromium: upload a DICOM and an ECG, search, explore, few-shot; screenshots.
+
+Screenshots of each tab go to docs/screenshots/<tab>.png (reduced, for the README) and, full size, to
+test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+import m3bind
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+REPO = Path(__file__).resolve().parents[1]
+DOCS_SHOTS = REPO / "docs" / "screenshots"
+ARTIFACTS = REPO / "test-artifacts"
+SLOW = 120_000  # ms: the first request of a fresh server on 2 cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    import app
+
+    demo = app.build_app(m3bind.load_model(), tmp_path_factory.mktemp("m3bind-home"))
+    port = free_port()
+    demo.launch(**{**app.launch_options(demo.m3bind_workspace), "server_port": port, "prevent_thread_lock": True,
+                   "quiet": True})
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+def screenshot(page, name: str, focus=None) -> None:
+    if focus is not None:
+        focus.scroll_into_view_if_needed()
+    ARTIFACTS.mkdir(exist_ok=True)
+    DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
+    full = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(full))
+    small = Image.open(full).convert("RGB")
+    small.thumbnail((960, 960))
+    small.quantize(colors=128).save(DOCS_SHOTS / f"{name}.png", optimize=True)  # small enough for the repo
+    assert (DOCS_SHOTS / f"{name}.png").stat().st_size < 300_000
+
+
+def test_classify_a_dicom_and_an_ecg(page):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#untrained-warning")).to_contain_text("untrained")
+    page.locator("#upload input[type=file]").set_input_files(get_testdata_file("CT_small.dcm"))
+    expect(page.locator("#status")).to_contain_text("CT (from the DICOM header)", timeout=SLOW)
+    expect(page.locator("#findings textarea")).to_have_value("\n".join(m3bind.get_modality("ct").default_labels))
+    bars = page.locator("#prob-plot .js-plotly-plot")
+    expect(bars).to_be_visible(timeout=SLOW)
+    expect(page.locator("#prob-plot")).to_contain_text("ground-glass opacities")
+    expect(page.locator("#prob-plot")).to_contain_text("%")
+    expect(page.get_by_text("DICOM window")).to_be_visible()
+    screenshot(page, "classify")
+
+    page.get_by_role("button", name="12-lead ECG (DICOM waveform)").click()
+    expect(page.locator("#status")).to_contain_text("12-lead ECG", timeout=SLOW)
+    ecg = page.locator("#ecg-plot .js-plotly-plot")
+    expect(ecg).to_be_visible(timeout=SLOW)
+    for lead in ("aVR", "V6", "II (rhythm)"):
+        expect(page.locator("#ecg-plot")).to_contain_text(lead)
+    expect(page.locator("#prob-plot")).to_contain_text("atrial fibrillation", timeout=SLOW)
+    screenshot(page, "classify_ecg")
+
+
+def test_text_search(page):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Search").click()
+    page.locator("#search-query textarea, #search-query input").first.fill("pleural effusion")
+    page.locator("#search-button").click()
+    expect(page.locator("#results img")).to_have_count(6, timeout=SLOW)
+    expect(page.locator("#results")).to_contain_text("12-lead ECG")
+    screenshot(page, "search")
+
+
+def test_explorer(page):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Explore").click()
+    page.locator("#map-button").click()
+    plot = page.locator("#map-plot")
+    expect(plot.locator(".js-plotly-plot")).to_be_visible(timeout=SLOW)
+    expect(plot).to_contain_text("text prompts")
+    expect(plot).to_contain_text("your upload (12-lead ECG)")
+    screenshot(page, "explore", plot)
+
+
+def test_fewshot(page):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Few-shot").click()
+    for i, (name, file) in enumerate((("CT", "CT_small.dcm"), ("MRI", "MR_small.dcm")), start=1):
+        page.locator(f"#class-{i}-name textarea, #class-{i}-name input").first.fill(name)
+        page.locator(f"#class-{i}-files input[type=file]").set_input_files(get_testdata_file(file))
+        expect(page.locator(f"#class-{i}-files")).to_contain_text(file, timeout=SLOW)
+    page.locator("#fewshot-button").click()
+    plot = page.locator("#fewshot-plot")
+    expect(plot.locator(".js-plotly-plot")).to_be_visible(timeout=SLOW)
+    expect(plot).to_contain_text("MRI")
+    expect(page.locator("#fewshot-note")).to_contain_text("waveform_ecg.dcm")
+    screenshot(page, "fewshot", plot)
