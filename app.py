@@ -12,7 +12,6 @@ import functools
 import io
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -259,8 +258,9 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
                      "into it without refitting it.")
 
     def warm_map():
+        """Opening the Explore tab compiles UMAP in the background, while the user reads the page."""
         if len(ws.library) >= explore.MIN_UMAP_ITEMS:
-            threading.Thread(target=explore.warm_up, daemon=True).start()
+            explore.warm_up_in_background()
 
     @_friendly("classify with your examples")
     def fewshot(files, modality, centre, width, method, use_library, name1, examples1, name2, examples2, name3,
@@ -415,6 +415,8 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
         explore_tab.select(warm_map, None, None, api_visibility="private", queue=False)
         map_button.click(draw_map, [color_by, prompts, place_query, *view], [map_plot, map_note], api_name="explore",
                          concurrency_id="heavy", concurrency_limit=1)
+        color_by.input(draw_map, [color_by, prompts, place_query, *view], [map_plot, map_note], api_name=False,
+                       concurrency_id="heavy", concurrency_limit=1)
         fewshot_button.click(fewshot, [*view, method, use_library, *class_inputs], [fewshot_plot, fewshot_json, fewshot_note],
                              api_name="fewshot")
     demo.queue(default_concurrency_limit=2)

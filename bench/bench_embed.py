@@ -134,7 +134,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = build_model(args.arch, args.device)
-    workers = default_workers(device, args.n, args.batch_size) if args.workers is None else args.workers
+    workers = default_workers(args.n, args.batch_size) if args.workers is None else args.workers
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     print(machine_info(device, workers))
     print(f"model: {model.config.name} ({args.arch}), device {device}, batch {args.batch_size}, "

@@ -149,7 +149,7 @@ def main() -> None:
           f"faiss threads {faiss.omp_get_max_threads()}")
     print(f"vectors: dim {args.dim}, 64 Gaussian clusters (1 rare), unit norm; {args.queries} held-out queries; "
           f"medians of {args.runs} runs")
-    queries, _ = clustered_vectors(args.queries, args.dim, seed=2)
+    queries, query_cluster = clustered_vectors(args.queries, args.dim, seed=2)
 
     lib, x, _, build_s = build(n_exact, args.dim, exact_threshold=n_exact)
     print(f"\n[exact] {n_exact:,} items, {lib.stats()['index']}, built in {build_s:.1f} s")
@@ -169,6 +169,10 @@ def main() -> None:
         print(f"    modality={name} ({(mods == name).sum():,} items){' exact=True' if exact else ''}: p50 "
               f"{latency(lib, queries, args.runs, modality=name, exact=exact)}, "
               f"recall@10 {recall_at_10(lib, x, queries, mods, name, exact):.4f}")
+    own = queries[np.array(modality_of(query_cluster)) == MODALITIES[0]]
+    print(f"    modality={MODALITIES[0]}, its own {len(own)} queries: p50 "
+          f"{latency(lib, own, args.runs, modality=MODALITIES[0])}, "
+          f"recall@10 {recall_at_10(lib, x, own, mods, MODALITIES[0]):.4f}")
     del x
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:

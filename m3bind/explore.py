@@ -90,6 +90,20 @@ def warm_up() -> None:
         reducer.transform(x[:1])
 
 
+_warming = threading.Lock()
+_warmed = False
+
+
+def warm_up_in_background() -> None:
+    """Starts ``warm_up`` in a daemon thread, once per process."""
+    global _warmed
+    with _warming:
+        if _warmed:
+            return
+        _warmed = True
+    threading.Thread(target=warm_up, name="umap-warm-up", daemon=True).start()
+
+
 def _state_key(library: Any, ids: np.ndarray) -> str:
     return hashlib.sha1(library.fingerprint.encode() + np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
 

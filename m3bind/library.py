@@ -274,19 +274,19 @@ class Library:
         return ids
 
     def search_text(self, model: Any, text: str | Sequence[str], k: int = 10,
-                    modality: str | Iterable[str] | None = None) -> list[Hit] | list[list[Hit]]:
+                    modality: str | Iterable[str] | None = None, exact: bool = False) -> list[Hit] | list[list[Hit]]:
         """Items closest to a finding written as text (one list per text for a list of texts)."""
         self._check_model(model)
         texts = [text] if isinstance(text, str) else list(text)
-        results = self.search(np.asarray(model.embed_text(texts), dtype=np.float32), k, modality)
+        results = self.search(np.asarray(model.embed_text(texts), dtype=np.float32), k, modality, exact=exact)
         return results[0] if isinstance(text, str) else results
 
     def search_sample(self, model: Any, sample: Sample, k: int = 10, modality: str | Iterable[str] | None = None,
-                      exclude_modality: str | Iterable[str] | None = None) -> list[Hit]:
+                      exclude_modality: str | Iterable[str] | None = None, exact: bool = False) -> list[Hit]:
         """Items closest to a sample; ``exclude_modality=sample.modality`` gives cross-modal search."""
         self._check_model(model)
         query = np.asarray(model.embed(sample), dtype=np.float32).reshape(-1)
-        return self.search(query, k, modality, exclude_modality)
+        return self.search(query, k, modality, exclude_modality, exact)
 
     def _check_model(self, model: Any) -> None:
         if model.fingerprint != self.fingerprint or model.dim != self.dim:
@@ -426,7 +426,7 @@ class Library:
         return self._counts
 
     def _plan(self, modality: Any, exclude: Any, exact: bool) -> tuple[faiss.SearchParameters, Any] | None:
-        """(faiss parameters, IVF lists to scan or None for the usual probing); None: nothing selected."""
+        """(faiss parameters, IVF lists to probe among, or None for faiss's own probing); None: nothing selected."""
         codes = set(range(len(self._modality_names)))
         if modality is not None:
             codes &= {self._modality_names.index(m) for m in _names(modality) if m in self._modality_names}
@@ -444,36 +444,47 @@ class Library:
         nlist = faiss.extract_index_ivf(self._index).nlist
         if selector is None:
             return faiss.SearchParametersIVF(nprobe=nlist if exact else self._nprobe), None
+        lists, holding = holding_lists()
         if exact or selected <= self.exact_threshold:  # exact: every list that holds a selected item
-            lists = holding_lists()
-            return faiss.SearchParametersIVF(sel=selector, nprobe=len(lists)), lists
-        nprobe = min(nlist, math.ceil(self._nprobe * len(self) / selected))  # as many selected items as usual
-        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe), None
+            nprobe = len(lists)
+        else:  # the nearest lists among those holding selected items, as many selected items as usual
+            nprobe = min(len(lists), math.ceil(self._nprobe * holding / selected))
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe), lists
 
     def _selection(self, codes: frozenset[int]) -> tuple[Any, Any]:
-        """A faiss selector of the items of these modalities, and a function giving the IVF lists holding them."""
+        """A faiss selector of the items of these modalities, and a function giving the IVF lists that
+        hold them with those lists' total size."""
         if codes not in self._selectors:
             member = np.isin(self._modality_of, np.fromiter(codes, dtype=np.int16))
             bitmap = np.packbits(member, bitorder="little")
-            lists: list[np.ndarray] = []
+            cache: list[tuple[np.ndarray, int]] = []
 
-            def holding_lists() -> np.ndarray:  # computed once per selection, when first needed
-                if not lists:
+            def holding_lists() -> tuple[np.ndarray, int]:  # computed once per selection, when first needed
+                if not cache:
                     invlists = faiss.extract_index_ivf(self._index).invlists
-                    sizes = [invlists.list_size(i) for i in range(invlists.nlist)]
-                    lists.append(np.array([i for i, n in enumerate(sizes)
-                                           if n and member[faiss.rev_swig_ptr(invlists.get_ids(i), n)].any()],
-                                          dtype=np.int64))
-                return lists[0]
+                    sizes = np.array([invlists.list_size(i) for i in range(invlists.nlist)])
+                    lists = np.array([i for i, n in enumerate(sizes)
+                                      if n and member[faiss.rev_swig_ptr(invlists.get_ids(i), int(n))].any()],
+                                     dtype=np.int64)
+                    cache.append((lists, int(sizes[lists].sum())))
+                return cache[0]
 
             self._selectors[codes] = (bitmap, faiss.IDSelectorBitmap(bitmap), holding_lists)  # selector borrows bitmap
         return self._selectors[codes][1:]
 
     def _search_lists(self, q: np.ndarray, k: int, params: Any, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """IVF search that scans exactly the given lists (the C entry point: the Python one takes no params)."""
+        """IVF search of the ``params.nprobe`` lists nearest each query among ``lists``.
+
+        faiss's C entry point is used: its Python wrapper takes no search parameters.
+        """
         ivf = faiss.extract_index_ivf(self._index)
-        assign = np.ascontiguousarray(np.broadcast_to(lists, (len(q), len(lists))))
-        coarse = np.ascontiguousarray(q @ ivf.quantizer.reconstruct_batch(lists).T)  # for by-residual codecs
+        coarse = q @ ivf.quantizer.reconstruct_batch(lists).T
+        if params.nprobe < len(lists):
+            nearest = np.argpartition(-coarse, params.nprobe - 1, axis=1)[:, :params.nprobe]
+            assign, coarse = lists[nearest], np.take_along_axis(coarse, nearest, axis=1)
+        else:
+            assign = np.broadcast_to(lists, coarse.shape)
+        assign, coarse = np.ascontiguousarray(assign), np.ascontiguousarray(coarse)  # coarse: by-residual codecs
         scores, found = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
         ivf.search_preassigned_c(len(q), faiss.swig_ptr(q), k, faiss.swig_ptr(assign), faiss.swig_ptr(coarse),
                                  faiss.swig_ptr(scores), faiss.swig_ptr(found), False, params)

@@ -33,6 +33,7 @@ from .sample import Sample
 
 Progress = Callable[[float, str], None]
 _CACHE_ITEMS = 32  # decoded uploads kept, so classify/search/explore of one upload decode it once
+_ADD_BATCH = 32  # inputs decoded at a time when adding many files to the library
 
 
 def default_home() -> Path:
@@ -71,6 +72,8 @@ class Workspace:
     def _add_examples(self, library: Library) -> None:
         samples, items = [], []
         for example in EXAMPLES:
+            if example.modality not in self.model.modalities:
+                continue  # a model without that tower: the example stays a button, not a library item
             path = self.examples[example.key]
             samples.append(load_input(path, example.modality))
             items.append({"source": path.name, "sha256": input_sha256((path,)), "notes": example.notes})
@@ -93,32 +96,33 @@ class Workspace:
         Returns {"added", "skipped" (already in the library), "refused": [(name, reason)], "stats"}.
         """
         label = (label or "").strip() or None
-        with tempfile.TemporaryDirectory(prefix="m3bind-upload-") as tmp:
-            records, refused = group_records(_stage(files, Path(tmp)))
-            refused = [(Path(name).name, reason) for name, reason in refused]
-            with self._write_lock:
-                known = library_hashes(self.library)
-                samples, items, skipped = [], [], 0
-                for i, record in enumerate(records):
-                    if progress is not None:
-                        progress(i / max(1, len(records)), f"Reading {record[0].name}")
-                    try:
-                        sha = input_sha256(record)
-                        if sha in known:
-                            skipped += 1
-                            continue
-                        samples.append(load_input(list(record) if len(record) > 1 else record[0], modality))
-                    except InputError as exc:
-                        refused.append((record[0].name, str(exc)))
+        records, refused = _records(files)
+        added, skipped = 0, 0
+        with self._write_lock:
+            known = library_hashes(self.library)
+            samples, items = [], []
+            for i, record in enumerate(records):
+                if progress is not None:
+                    progress(i / max(1, len(records)), f"Reading and embedding {record[0].name}")
+                try:
+                    sha = input_sha256(record)
+                    if sha in known:
+                        skipped += 1
                         continue
-                    known.add(sha)
-                    items.append({"source": record[0].name, "sha256": sha, "label": label})
-                if samples:
-                    if progress is not None:
-                        progress(0.95, f"Embedding {len(samples)} inputs")
-                    self.library.add_samples(self.model, samples, items)
-                    self.library.save(self.library_dir)
-        return {"added": len(samples), "skipped": skipped, "refused": refused, "stats": self.library.stats()}
+                    samples.append(load_input(list(record) if len(record) > 1 else record[0], modality))
+                except InputError as exc:
+                    refused.append((record[0].name, str(exc)))
+                    continue
+                known.add(sha)
+                items.append({"source": record[0].name, "sha256": sha, "label": label})
+                if len(samples) == _ADD_BATCH or i == len(records) - 1:
+                    added += len(self.library.add_samples(self.model, samples, items))
+                    samples, items = [], []  # decoded inputs are not kept: memory stays one batch
+            if samples:
+                added += len(self.library.add_samples(self.model, samples, items))
+            if added:
+                self.library.save(self.library_dir)
+        return {"added": added, "skipped": skipped, "refused": refused, "stats": self.library.stats()}
 
     def thumbnail(self, item_id: int) -> bytes | None:
         return self.library.item(item_id)["thumbnail"]
@@ -155,16 +159,14 @@ class Workspace:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        paths = [Path(p) for p in _as_list(files)]
-        with tempfile.TemporaryDirectory(prefix="m3bind-upload-") as tmp:
-            records, refused = group_records(_stage(paths, Path(tmp)))
-            if refused:
-                raise InputError(refused[0][1])
-            if len(records) != 1:
-                raise InputError("Give one input: one image or DICOM file, or the files of one ECG record "
-                                 f"(.hea with its .dat or .mat); {len(records)} were given.")
-            record = records[0]
-            sample = load_input(list(record) if len(record) > 1 else record[0], modality, window=window)
+        records, refused = _records(files)
+        if refused:
+            raise InputError(refused[0][1])
+        if len(records) != 1:
+            raise InputError("Give one input: one image or DICOM file, or the files of one ECG record "
+                             f"(.hea with its .dat or .mat); {len(records)} were given.")
+        record = records[0]
+        sample = load_input(list(record) if len(record) > 1 else record[0], modality, window=window)
         with self._cache_lock:
             self._cache[key] = (sample, None)
             while len(self._cache) > _CACHE_ITEMS:
@@ -227,7 +229,7 @@ class Workspace:
                 use_library: bool = False, progress: Progress | None = None) -> dict[str, float]:
         """Probabilities of the query over classes learnt from a few examples each.
 
-        ``classes`` maps a class name to its example inputs (each a path or the files of one record);
+        ``classes`` maps a class name to its uploaded example files (a WFDB record's files form one example);
         with ``use_library`` the library items carrying that label are added to its examples.
         """
         classes = {name.strip(): list(inputs) for name, inputs in classes.items() if name and name.strip()}
@@ -236,15 +238,18 @@ class Workspace:
         total = sum(len(v) for v in classes.values())
         done = 0
         for name, inputs in classes.items():
-            for example in inputs:
-                if progress is not None:
-                    progress(done / max(1, total), f"Embedding examples of {name}")
-                try:
-                    vectors.append(self.embed(example))
-                except InputError as exc:
-                    raise InputError(f"An example of \"{name}\" cannot be used: {exc}") from None
-                labels.append(name)
-                done += 1
+            try:
+                records, refused = _records(inputs) if inputs else ([], [])
+                if refused:
+                    raise InputError(refused[0][1])
+                for record in records:
+                    if progress is not None:
+                        progress(done / max(1, total), f"Embedding examples of {name}")
+                    vectors.append(self.embed(list(record)))
+                    labels.append(name)
+                    done += 1
+            except InputError as exc:
+                raise InputError(f"An example of \"{name}\" cannot be used: {exc}") from None
             ids = library_ids.get(name, [])
             if ids:
                 vectors.extend(self.library.vectors(ids)[1])
@@ -271,6 +276,17 @@ def _as_list(files: Any) -> list:
     if not items:
         raise InputError("Upload a file first (or pick an example).")
     return items
+
+
+def _records(files: Any) -> tuple[list[tuple[Path, ...]], list[tuple[str, str]]]:
+    """Uploaded files grouped into inputs, a WFDB record's files together, by their original paths;
+    plus (file name, reason) of the files refused while grouping."""
+    originals = [Path(f) for f in _as_list(files)]
+    with tempfile.TemporaryDirectory(prefix="m3bind-upload-") as tmp:
+        staged = _stage(originals, Path(tmp))
+        back = dict(zip(staged, originals))
+        records, refused = group_records(staged)
+    return [tuple(back[p] for p in record) for record in records], [(Path(n).name, why) for n, why in refused]
 
 
 def _stage(files: Sequence[str | os.PathLike], folder: Path) -> list[Path]:

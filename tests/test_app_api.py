@@ -212,27 +212,29 @@ def test_library_add_explore_fewshot_reset(client, ws, tiles, dicom_with_identif
     status, summary = client.predict([*aca, handle_file(junk), handle_file(dicom_with_identifiers)], "lung_aca",
                                      "auto", api_name="/add_to_library")
     assert "Added **5**" in status and "refused 1" in status and "notes.txt" in status
-    status, summary = client.predict([handle_file(p) for p in tiles["lung_n"] + tiles["lung_scc"]], "lung_n", "auto",
-                                      api_name="/add_to_library")
-    assert "Added **8**" in status and "**Library:** 19 items" in summary
+    header = sorted(PTBXL.glob("*.hea"))[0]  # a WFDB record: two files, one item
+    status, summary = client.predict([handle_file(p) for p in tiles["lung_n"] + tiles["lung_scc"]] +
+                                     [handle_file(header), handle_file(header.with_suffix(".dat"))], "lung_n", "auto",
+                                     api_name="/add_to_library")
+    assert "Added **9**" in status and "**Library:** 20 items" in summary and "12-lead ECG 2" in summary
     again, _ = client.predict(aca, "lung_aca", "auto", api_name="/add_to_library")
     assert "Added **0**, already in the library 4" in again
 
     # persisted, without identifiers
     saved = Library.load(ws.library_dir, ws.model.fingerprint)
-    assert len(saved) == 19
+    assert len(saved) == 20
     saved.close()
     for file in ws.library_dir.iterdir():
         data = file.read_bytes()
         assert PATIENT_ID.encode() not in data and b"Doe" not in data and str(tmp_path).encode() not in data
 
-    # explore: 19 items, so UMAP; the query and prompts are placed, the map is not refitted
+    # explore: 20 items, so UMAP; the query and prompts are placed, the map is not refitted
     started = time.perf_counter()
     plot, note = client.predict("label", "adenocarcinoma\nnormal ECG", True, [handle_file(tiles["lung_aca"][0])],
                                 "auto", None, None, api_name="/explore")
     figure = json.loads(plot["plot"])
     traces = {t["name"]: t for t in figure["data"]}
-    assert figure["layout"]["title"]["text"].startswith("UMAP of 19 items") and note.startswith("UMAP map")
+    assert figure["layout"]["title"]["text"].startswith("UMAP of 20 items") and note.startswith("UMAP map")
     assert "lung_aca (5)" in traces and "text prompts" in traces and "your upload (Pathology (H&E))" in traces
     first_map = ws.library_map()
     plot2, _ = client.predict("modality", "", False, None, "auto", None, None, api_name="/explore")

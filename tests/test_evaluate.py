@@ -12,7 +12,6 @@ from sklearn.metrics import roc_auc_score
 
 import m3bind
 from train import evaluate as ev
-from train.data import load_dataset
 
 RNG = np.random.default_rng(0)
 TINY_RUN = ev.EvalConfig(shots=(1, 4), seeds=(0, 1), max_test=24, max_library=24)  # QUICK, smaller still
@@ -65,6 +64,19 @@ def test_recall_and_precision_at_k():
     np.testing.assert_allclose(ev.precision_at_k(sim, relevant, 10), [2 / 6, 1 / 6])  # k beyond the library
     out = ev.retrieval_metrics(np.eye(3), np.eye(3), np.array([[1, 0, 0], [0, 0, 0], [1, 1, 1]], bool), (1,))
     assert out["n_queries"] == 1 and out["R@1"] == 1.0  # nothing relevant, or everything: not informative
+
+
+def test_cross_modal_metrics_are_status_balanced():
+    """A ranking that ignores the query (normal items always first) sits at chance whatever the mix."""
+    e = np.eye(2)
+    items, item_abnormal = e[[0, 0, 1, 1, 1]], np.array([0, 0, 1, 1, 1])
+    queries, query_abnormal = e[[0, 0, 0, 0]], np.array([0, 0, 0, 1])
+    m = ev.cross_modal_metrics(queries, query_abnormal, items, item_abnormal, k=2)
+    assert m["auc"] == 0.5 and m["auc_query_mean"] == 0.75
+    assert m["p@2"] == 0.5 and m["p@2_query_mean"] == 0.75
+    assert m["chance_p@2"] == pytest.approx(0.5) and m["chance_p@2_query_mean"] == pytest.approx(0.45)
+    good = ev.cross_modal_metrics(e[query_abnormal], query_abnormal, items, item_abnormal, k=2)
+    assert good["auc"] == 1.0 and good["p@2"] == 1.0
 
 
 def test_balanced_subset_and_nested_support():
@@ -197,11 +209,13 @@ def test_compare_end_to_end_on_real_data(tiny_model, tiny_teachers, shared_data)
     # the counterpart scores exactly the bound model's items
     assert xray["sets"]["pneumoniamnist/xray"] == bound["sets"]["pneumoniamnist/xray"]
     assert set(results["unbound_cross_modal"]["pairs"]) == {"xray->ecg", "ecg->xray"}
+    assert cm["mean_on_counterpart_pairs"]["n_pairs"] == 2  # the bound mean over the same two pairs
 
     table = ev.markdown_table(results)
     for heading in ("Zero-shot", "Few-shot", "Text-to-image", "Cross-modal"):
         assert heading in table
     assert "AUC counterpart" in table and "AUC unbound" in table and "| xray->ecg |" in table
+    assert "mean over the pairs with counterparts" in table
 
 
 def test_evaluation_is_deterministic_and_refuses_the_train_split(tiny_model, shared_data):

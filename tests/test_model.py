@@ -78,6 +78,16 @@ def test_round_trip_identical_and_base_weights_referenced(tiny_model, tmp_path):
     assert loaded.fingerprint == tiny_model.fingerprint
 
 
+def test_half_precision_save_is_lossless_after_rounding(tiny_model, tmp_path):
+    model = copy.deepcopy(tiny_model).round_weights(torch.float16)
+    model.save_pretrained(tmp_path / "m", dtype=torch.float16)
+    assert all(v.dtype != torch.float32 for v in load_file(str(tmp_path / "m" / "model.safetensors")).values())
+    loaded = m3bind.load_model(tmp_path / "m", device="cpu")
+    samples = [image_sample(), ecg_sample()]
+    np.testing.assert_array_equal(model.embed(samples), loaded.embed(samples))
+    assert loaded.fingerprint == model.fingerprint
+
+
 def test_fine_tuned_base_weights_are_saved(tiny_model, tmp_path):
     model = copy.deepcopy(tiny_model)
     with torch.no_grad():

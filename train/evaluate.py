@@ -15,8 +15,9 @@ Tasks (``SUITES``), each on the test split of every dataset whose modality a mod
     over the library of all modalities and over each modality's own library.
   * ``cross_modal``: image-to-image across modalities on a normal/abnormal notion (``NORMAL_CLASS``):
     for each query of modality A, all items of B ranked by cosine; per-query AUC of "same status as the
-    query" (then the mean) and precision@10 with its chance level (the base rate). Counterparts are
-    unbound: each embeds its own modality in its own space, which is the chance-level baseline.
+    query" and precision@10 with its chance level (the base rate), averaged over queries balanced
+    between normal and abnormal ones (chance is then 0.5 for both). Counterparts are unbound: each
+    embeds its own modality in its own space, which is the chance-level baseline.
 
 Only ``split`` items are scored (``test`` by default; ``val`` serves choices elsewhere); seeds are fixed.
 """
@@ -31,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
@@ -152,11 +153,22 @@ def zero_shot_scores(image_emb: np.ndarray, class_emb: np.ndarray, multi_label: 
 
 def cross_modal_metrics(query_emb: np.ndarray, query_abnormal: np.ndarray, item_emb: np.ndarray,
                         item_abnormal: np.ndarray, k: int = 10) -> dict:
-    """Image-to-image across modalities: does the ranking put items of the query's status first?"""
+    """Image-to-image across modalities: does the ranking put items of the query's status first?
+
+    Per-query AUC and precision@k, averaged within normal and within abnormal queries and then over the
+    two (status-balanced), so that a ranking which ignores the query scores exactly chance (0.5) however
+    the statuses are mixed; the plain means over queries are kept as ``*_query_mean``.
+    """
+    query_abnormal = np.asarray(query_abnormal, bool)
     sims = query_emb @ item_emb.T
-    same = np.asarray(query_abnormal, bool)[:, None] == np.asarray(item_abnormal, bool)[None, :]
-    return {"auc": _nanmean(rowwise_auc(sims, same)), f"p@{k}": float(precision_at_k(sims, same, k).mean()),
-            f"chance_p@{k}": float(same.mean(1).mean()), "n_queries": len(query_emb), "n_items": len(item_emb)}
+    same = query_abnormal[:, None] == np.asarray(item_abnormal, bool)[None, :]
+    per_query = {"auc": rowwise_auc(sims, same), f"p@{k}": precision_at_k(sims, same, k),
+                 f"chance_p@{k}": same.mean(1)}
+    out = {}
+    for key, values in per_query.items():
+        out[key] = _nanmean([_nanmean(values[query_abnormal == s]) for s in (False, True)])
+        out[f"{key}_query_mean"] = _nanmean(values)
+    return {**out, "n_queries": len(query_emb), "n_items": len(item_emb)}
 
 
 def retrieval_metrics(query_emb: np.ndarray, library_emb: np.ndarray, relevant: np.ndarray,
@@ -391,11 +403,16 @@ def cross_modal(embedders: dict[str, Embedder], sets: dict[str, EvalSet], k: int
                 pairs[f"{a}->{b}"] = {"skipped": f"embedding sizes differ ({emb_a.shape[1]} vs {emb_b.shape[1]})"}
                 continue
             pairs[f"{a}->{b}"] = cross_modal_metrics(emb_a, status_a, emb_b, status_b, k)
-    scored = [p for p in pairs.values() if "skipped" not in p]
-    mean = {key: _nanmean([p[key] for p in scored]) for key in ("auc", f"p@{k}", f"chance_p@{k}")} if scored else {}
-    return {"pairs": pairs, "mean": {**mean, "n_pairs": len(scored), "chance_auc": 0.5},
+    return {"pairs": pairs, "mean": pair_mean(pairs),
             "status_counts": {m: {"normal": int((s == 0).sum()), "abnormal": int((s == 1).sum())}
                               for m, (_, s) in data.items()}}
+
+
+def pair_mean(pairs: dict[str, dict], names: Iterable[str] | None = None) -> dict:
+    """Mean of the cross-modal metrics over the scored ordered pairs (or over ``names`` among them)."""
+    scored = [r for name, r in pairs.items() if "skipped" not in r and (names is None or name in names)]
+    keys = [key for key in (scored[0] if scored else {}) if not key.startswith("n_")]
+    return {**{key: _nanmean([r[key] for r in scored]) for key in keys}, "n_pairs": len(scored), "chance_auc": 0.5}
 
 
 # =========================================================================== drivers
@@ -465,8 +482,11 @@ def compare(bound: M3BindModel, teachers: dict[str, M3BindModel], suites: Sequen
         library = {f"{d}/{m}": load_eval_set(d, m, split, data_root).subset(config.max_library, config.subsample_seed)
                    for d, m in EVAL_SETS if m in teachers and m in NORMAL_CLASS}
         cm_sets = _cross_modal_sets(library, list(teachers))
-        results["unbound_cross_modal"] = cross_modal({m: embedders[id(teachers[m])] for m in cm_sets}, cm_sets,
-                                                     config.precision_at)
+        unbound = cross_modal({m: embedders[id(teachers[m])] for m in cm_sets}, cm_sets, config.precision_at)
+        results["unbound_cross_modal"] = unbound
+        if "cross_modal" in results["bound"]:  # the bound model's mean over the same pairs, for a fair row
+            results["bound"]["cross_modal"]["mean_on_counterpart_pairs"] = pair_mean(
+                results["bound"]["cross_modal"]["pairs"], unbound["pairs"])
     return _json_safe(results)
 
 
@@ -510,7 +530,7 @@ def markdown_table(results: dict) -> str:
             m = key.split("/")[1]
             for method in FEW_SHOT_METHODS:
                 for k, stats in r.get(method, {}).items():
-                    theirs = other(m, "few_shot", key, method, k) or {} if counterparts else None
+                    theirs = other(m, "few_shot", key, method, k)
                     aucs = [_fmt_ms(stats, "auc")] + ([_fmt_ms(theirs, "auc")] if counterparts else [])
                     accs = [_fmt_ms(stats, "accuracy")] + ([_fmt_ms(theirs, "accuracy")] if counterparts else [])
                     lines.append(_row([key, method, k, *aucs, *accs]))
@@ -530,13 +550,19 @@ def markdown_table(results: dict) -> str:
         k = bound["config"]["precision_at"]
         unbound = results.get("unbound_cross_modal", {})
         ucols = ["bound"] + (["unbound"] if unbound else [])
-        lines += ["", "### Cross-modal image-to-image retrieval (normal vs abnormal; chance AUC 0.5)", "",
+        lines += ["", "### Cross-modal image-to-image retrieval (same normal/abnormal status as the query; "
+                  "means balanced over normal and abnormal queries)", "",
                   _row(["query -> library", *[f"AUC {c}" for c in ucols], *[f"P@{k} {c}" for c in ucols],
                         f"chance P@{k}"]),
                   _row(["---"] * (2 + 2 * len(ucols)))]
-        rows = list(bound["cross_modal"]["pairs"].items()) + [("**mean**", bound["cross_modal"]["mean"])]
+        mean_row = "**mean**"
+        rows = list(bound["cross_modal"]["pairs"].items()) + [(mean_row, bound["cross_modal"]["mean"])]
+        fair = bound["cross_modal"].get("mean_on_counterpart_pairs")
+        if fair and 0 < fair["n_pairs"] != bound["cross_modal"]["mean"]["n_pairs"]:  # compare means over equal pairs
+            mean_row = "**mean over the pairs with counterparts**"
+            rows.append((mean_row, fair))
         for pair, r in rows:
-            u = (unbound.get("pairs", {}).get(pair) if pair != "**mean**" else unbound.get("mean")) or {}
+            u = (unbound.get("mean") if pair == mean_row else unbound.get("pairs", {}).get(pair)) or {}
             lines.append(_row([pair, _fmt(r.get("auc")), *([_fmt(u.get("auc"))] if unbound else []),
                                _fmt(r.get(f"p@{k}")), *([_fmt(u.get(f"p@{k}"))] if unbound else []),
                                _fmt(r.get(f"chance_p@{k}"))]))

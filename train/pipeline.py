@@ -39,6 +39,7 @@ class ModalityPlan:
     tower: ImageTowerConfig | EcgTowerConfig
     max_items: int | None = None
     trainable_fraction: float = 1.0  # share of a pretrained trunk's parameter tensors that train
+    pair_modalities: list[str] | None = None  # modalities whose pairs this tower learns from (default: its own)
 
 
 @dataclass
@@ -58,6 +59,8 @@ class PipelineConfig:
     shared_texts: int = 4000  # size of the shared text corpus of stage 1
     distill_texts: int | None = None  # cap on stage 2 texts per modality (None: all captions + corpus)
     evaluate: bool = True
+    export_dtype: str | None = "float16"  # storage precision of the exported model (weights rounded first)
+    modality_towers: dict[str, str] = field(default_factory=dict)  # extra modalities served by a trained tower
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "PipelineConfig":
@@ -96,7 +99,8 @@ def run(cfg: PipelineConfig) -> M3BindModel:
     teachers = {m: new_teacher(m, plan.tower, cfg.dim, cfg.text, cfg.seed + i)
                 for i, (m, plan) in enumerate(cfg.modalities.items())}
     data: dict[str, ModalityData] = {
-        m: load_modality_data(teachers[m], m, plan.datasets, "train", cfg.data_root, plan.max_items, cfg.seed)
+        m: load_modality_data(teachers[m], m, plan.datasets, "train", cfg.data_root, plan.max_items, cfg.seed,
+                              plan.pair_modalities)
         for m, plan in cfg.modalities.items()}
     base_features = TextFeatures(next(iter(teachers.values())))  # every teacher starts from the same text base
     timings["decode"] = time.time() - started
@@ -141,9 +145,11 @@ def run(cfg: PipelineConfig) -> M3BindModel:
         _save_stage({"text": student}, stage_dir, time.time() - t0)
     timings["distill"] = time.time() - started - sum(timings.values())
 
-    bound = bind(aligned, student, cfg.name)
+    bound = bind(aligned, student, cfg.name, cfg.modality_towers)
+    if cfg.export_dtype:
+        bound.round_weights(getattr(torch, cfg.export_dtype))
     card = model_card(cfg, timings)
-    bound.save_pretrained(cfg.export_dir, card=card)
+    bound.save_pretrained(cfg.export_dir, card=card, dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
     if cfg.evaluate:
         from .evaluate import evaluate_run
 

@@ -59,16 +59,21 @@ class ModalityData:
 
 
 def load_modality_data(model: M3BindModel, modality: str, datasets: Sequence[str], split: str,
-                       data_root: str | None, max_items: int | None = None, seed: int = 0) -> ModalityData:
+                       data_root: str | None, max_items: int | None = None, seed: int = 0,
+                       pair_modalities: Sequence[str] | None = None) -> ModalityData:
+    """``pair_modalities`` lets one tower learn from several modalities' pairs (e.g. X-ray and CT)."""
+    accepted = set(pair_modalities or [modality])
     inputs, captions, keys = [], [], []
     for name in datasets:
         ds = load_dataset(name, split, data_root=data_root, seed=seed)
-        pairs = [p for p in ds.pairs if p.modality == modality]
+        pairs = [p for p in ds.pairs if p.modality in accepted]
         if max_items is not None and len(pairs) > max_items:
             keep = np.random.default_rng(seed).choice(len(pairs), max_items, replace=False)
             pairs = [pairs[i] for i in sorted(keep)]
         for pair in tqdm(pairs, desc=f"decode {name}/{modality}/{split}", leave=False):
-            inputs.append(model.preprocess(pair.load()).half())
+            sample = pair.load()
+            sample.modality = modality  # read by this tower, whichever accepted modality it came from
+            inputs.append(model.preprocess(sample).half())
             captions.append(pair.texts)
             keys.append((name, pair.targets or (pair.label,)))
     if not inputs:
@@ -147,6 +152,12 @@ def freeze_text_body(model: M3BindModel) -> None:
         p.requires_grad_(False)
 
 
+def freeze_tower_below_head(model: M3BindModel, modality: str) -> None:
+    """Stage 1 keeps a tower's features and adapts only its output head (cheap: no backward through the trunk)."""
+    for name, p in model.tower_for(modality).named_parameters():
+        p.requires_grad_(name.startswith(("visual.head", "proj")))
+
+
 def freeze_tower_bottom(model: M3BindModel, modality: str, trainable_fraction: float) -> None:
     """Train only the top ``trainable_fraction`` of a pretrained trunk's parameter tensors (and its head)."""
     tower = model.tower_for(modality)
@@ -169,6 +180,7 @@ class StageConfig:
     lora_rank: int = 8
     lora_layers: int = 0  # 0 keeps the text body frozen (its features cached)
     align_weight: float = 1.0  # stage 1: weight of the pairwise text alignment loss
+    tower_head_only: bool = False  # stage 1: adapt only the towers' output heads
     shared_batch: int = 64  # stage 1: shared texts per step
     extra: dict = field(default_factory=dict)
 
@@ -246,6 +258,8 @@ def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], share
     runs = {}
     for i, (modality, model) in enumerate(teachers.items()):
         freeze_text_body(model)
+        if cfg.tower_head_only:
+            freeze_tower_below_head(model, modality)
         if cfg.lora_layers:
             add_lora(model, cfg.lora_rank, cfg.lora_layers)
         model.train()
@@ -308,12 +322,16 @@ def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[
     return student
 
 
-def bind(teachers: dict[str, M3BindModel], student: M3BindModel, name: str) -> M3BindModel:
-    """One model: every teacher's aligned tower and the student's text tower."""
+def bind(teachers: dict[str, M3BindModel], student: M3BindModel, name: str,
+         extra_modalities: dict[str, str] | None = None) -> M3BindModel:
+    """One model: every teacher's aligned tower and the student's text tower.
+
+    ``extra_modalities`` maps modalities without a teacher to the trained tower that serves them.
+    """
     first = next(iter(teachers.values()))
     towers = {m: t.config.towers[m] for m, t in teachers.items()}
     config = ModelConfig(name=name, dim=first.config.dim, text=copy.deepcopy(student.config.text),
-                         towers=copy.deepcopy(towers), modality_towers={m: m for m in towers},
+                         towers=copy.deepcopy(towers), modality_towers={**{m: m for m in towers}, **(extra_modalities or {})},
                          logit_scale=float(np.mean([t.config.logit_scale for t in teachers.values()])))
     return M3BindModel(config, text=student.text, towers={m: t.towers[m] for m, t in teachers.items()}).eval()
 
