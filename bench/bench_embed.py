@@ -96,17 +96,20 @@ def from_files(model: m3bind.M3BindModel, folder: Path, batch_size: int, workers
     return len(result.items)
 
 
-def images_per_second(run: Callable[[], int], device: torch.device, repeats: int) -> float:
-    """Median throughput over ``repeats`` timed runs, after one warm-up run."""
-    run()
-    rates = []
+def throughputs(runs: list[Callable[[], int]], device: torch.device, repeats: int) -> list[float]:
+    """Median images/s of each run, timed in alternation (so drifting clocks affect all alike), after
+    one warm-up of each."""
+    for run in runs:
+        run()
+    rates: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        n = run()
-        sync(device)
-        rates.append(n / (time.perf_counter() - start))
-    return statistics.median(rates)
+        for run, out in zip(runs, rates):
+            sync(device)
+            start = time.perf_counter()
+            n = run()
+            sync(device)
+            out.append(n / (time.perf_counter() - start))
+    return [statistics.median(r) for r in rates]
 
 
 def machine_info(device: torch.device, workers: int) -> str:
@@ -144,8 +147,8 @@ def main() -> None:
         for name, folder in (("28-px PNG", write_pngs(Path(tmp) / "png", args.n)),
                              ("512-px JPEG", link_jpegs(Path(tmp) / "jpeg", args.n))):
             tensors = decoded(model, folder)
-            bare = images_per_second(lambda: bare_encoder(model, tensors, args.batch_size), device, args.repeats)
-            files = images_per_second(lambda: from_files(model, folder, args.batch_size, args.workers),
+            bare, files = throughputs([lambda: bare_encoder(model, tensors, args.batch_size),
+                                       lambda: from_files(model, folder, args.batch_size, args.workers)],
                                       device, args.repeats)
             print(f"{name:<22} {args.n:>6} {bare:>10.1f} im/s {files:>8.1f} im/s {files / bare:>6.0%}")
             del tensors

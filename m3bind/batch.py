@@ -211,9 +211,12 @@ def _run(model: Any, records: list[Record], modality: str | None, batch_size: in
 
     device = model.device
     workers = default_workers(len(records), batch_size) if num_workers is None else num_workers
-    loader = DataLoader(_InputDataset(model, records, modality, known, thumbnails),
-                        batch_size=min(batch_size, _TASK), num_workers=workers, collate_fn=_collate,
-                        pin_memory=device.type == "cuda", multiprocessing_context=_fork() if workers else None)
+    task = min(batch_size, _TASK)
+    # Workers decode up to two encoder batches ahead.
+    ahead = {"multiprocessing_context": _fork(),
+             "prefetch_factor": max(2, -(-2 * batch_size // (task * workers)))} if workers else {}
+    loader = DataLoader(_InputDataset(model, records, modality, known, thumbnails), batch_size=task,
+                        num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda", **ahead)
     chunks: list[np.ndarray] = []
     items: list[tuple[int, dict]] = []
     refused: list[tuple[int, str]] = []

@@ -148,16 +148,22 @@ def run(cfg: PipelineConfig) -> M3BindModel:
     bound = bind(aligned, student, cfg.name, cfg.modality_towers)
     if cfg.export_dtype:
         bound.round_weights(getattr(torch, cfg.export_dtype))
-    card = model_card(cfg, timings)
-    bound.save_pretrained(cfg.export_dir, card=card, dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
+    timings["total"] = time.time() - started
+    table = ""
     if cfg.evaluate:
-        from .evaluate import evaluate_run
+        from .evaluate import compare, markdown_table
 
-        evaluate_run(bound, teachers, cfg)
+        results = compare(bound, teachers, data_root=cfg.data_root)
+        (cfg.export_dir).mkdir(parents=True, exist_ok=True)
+        (cfg.export_dir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+        table = markdown_table(results)
+        print(table)
+    bound.save_pretrained(cfg.export_dir, card=model_card(cfg, timings, table),
+                          dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
     return bound
 
 
-def model_card(cfg: PipelineConfig, timings: dict[str, float]) -> str:
+def model_card(cfg: PipelineConfig, timings: dict[str, float], evaluation: str = "") -> str:
     rows = "\n".join(f"| {m} | {', '.join(p.datasets)} | {type(p.tower).__name__} |" for m, p in cfg.modalities.items())
     took = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
     return f"""# {cfg.name}
@@ -172,6 +178,10 @@ stage 2 distillation). **A demonstration model, not a clinical device.** It saw 
 {rows}
 
 Text base: `{cfg.text.source}` (referenced, not copied). Training time on this run's machine: {took}.
+
+## Evaluation (held-out test splits, computed by `train/evaluate.py` at the end of the run)
+
+{evaluation or "Not evaluated in this run."}
 """
 
 
