@@ -181,7 +181,7 @@ def main() -> None:
                 labels = list(m3bind.get_modality(sample.modality).default_labels)
                 report(f"classify {name}, gradio_client",
                        timed(lambda: client.predict([handle_file(f) for f in files], "auto", "\n".join(labels),
-                                                    None, None, api_name="/classify"), args.runs), target)
+                                                    None, None, None, api_name="/classify"), args.runs), target)
                 report(f"  in process: read + model.classify",
                        timed(lambda: model.classify(m3bind.load_input(files if len(files) > 1 else files[0]), labels),
                              args.runs))

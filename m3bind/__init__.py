@@ -14,6 +14,7 @@ from .readers import Limits, load_input
 from .sample import Sample
 from .config import EcgTowerConfig, ImageTowerConfig, ModelConfig, TextTowerConfig, default_config
 from .model import M3BindModel, load_model
+from .library import Hit, Library, LibraryMismatchError
 
 __all__ = [
     "CorruptFileError", "InputError", "InputTooLargeError", "UnsupportedFormatError", "WrongModalityError",
@@ -21,4 +22,5 @@ __all__ = [
     "Limits", "load_input", "Sample",
     "EcgTowerConfig", "ImageTowerConfig", "ModelConfig", "TextTowerConfig", "default_config",
     "M3BindModel", "load_model",
+    "Hit", "Library", "LibraryMismatchError",
 ]

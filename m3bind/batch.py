@@ -2,11 +2,12 @@
 
 Why it is built this way:
 
-* **Decoding never starves the encoder.** A torch ``DataLoader`` runs ``load_input`` *and* the
-  model's ``preprocess`` (resize, grey conversion) in worker processes; the main process only stacks
-  nothing and encodes. Workers are forked, so the model is not pickled into them.
-* **Batches are per modality.** Inputs are sorted by path (a folder's files usually share a
-  modality) and the collate splits each loader batch into one sub-batch per modality.
+* **Decoding runs beside the encoder.** A torch ``DataLoader`` runs ``load_input`` *and* the model's
+  ``preprocess`` (grey conversion, padding, resize) in worker processes; the main process only
+  encodes. Workers are forked, so the model is not pickled into them.
+* **Batches are per modality.** Workers take small tasks (``_TASK`` inputs, so a few hundred files
+  keep every worker busy); the collate splits a task by modality and the main process gathers the
+  pieces into encoder batches of exactly ``batch_size`` inputs of one modality.
 * **Bad files never abort a run.** Each refused input is kept with its ``InputError`` message.
 * **Resumable.** An input's identity is the SHA-256 of its file bytes (all files of a WFDB record,
   in name order), stored as the library item's ``sha256``; with ``skip_existing`` the workers hash
@@ -77,8 +78,9 @@ def collect_inputs(paths_or_folder: PathLike | Iterable[PathLike]) -> tuple[list
             for folder, dirs, names in os.walk(root):
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
                 files += [Path(folder) / n for n in names if not n.startswith(".")]
-        elif root.suffix.lower() in (".hea", *_WFDB_SIGNALS):
-            files += [root, *root.parent.glob(glob.escape(root.stem) + ".*")]  # the rest of its record
+        elif root.suffix.lower() in (".hea", *_WFDB_SIGNALS):  # with the rest of its record
+            files += [root, *(f for f in root.parent.glob(glob.escape(root.stem) + ".*")
+                              if f.suffix.lower() not in _STANDALONE)]
         else:
             files.append(root)  # a missing file is refused by load_input with a readable message
     return group_records(files)
@@ -138,7 +140,8 @@ class _InputDataset(Dataset):
         except InputError as exc:
             return "refused", i, str(exc)
         except Exception as exc:  # a reader bug must not end a long run; it is reported with the file
-            return "refused", i, f"Unexpected error while reading it ({type(exc).__name__}: {exc})."
+            # (only the error's type: a third-party message might quote a header value)
+            return "refused", i, f"Unexpected error while reading it ({type(exc).__name__}); please report it."
         item = {"source": str(record[0]), "modality": sample.modality, "sha256": sha}
         if self.thumbnails:
             from .library import thumbnail_png
@@ -154,8 +157,10 @@ def _collate(rows: list[tuple[str, int, Any]]) -> dict[str, Any]:
     for status, i, payload in rows:
         if status == "ok":
             tensor, item = payload
-            group = groups.setdefault(item["modality"], ([], [], []))
-            group[0].append(i), group[1].append(tensor), group[2].append(item)
+            indices, tensors, items = groups.setdefault(item["modality"], ([], [], []))
+            indices.append(i)
+            tensors.append(tensor)
+            items.append(item)
         elif status == "refused":
             refused.append((i, payload))
         else:
@@ -232,14 +237,14 @@ def _run(model: Any, records: list[Record], modality: str | None, batch_size: in
 
     with tqdm(total=len(records), unit="file", disable=not progress, desc="Embedding") as bar, \
             torch.inference_mode():
-        for task in loader:
-            for group_modality, (indices, tensor, group_items) in task["groups"].items():
+        for done in loader:
+            for group_modality, (indices, tensor, group_items) in done["groups"].items():
                 for full in pending.add(group_modality, indices, tensor.to(device, non_blocking=True), group_items):
                     encode(*full)
-            refused += task["refused"]
-            skipped += task["skipped"]
+            refused += done["refused"]
+            skipped += done["skipped"]
             bar.set_postfix(refused=len(refused), skipped=len(skipped), refresh=False)
-            bar.update(sum(len(g[0]) for g in task["groups"].values()) + len(task["refused"]) + len(task["skipped"]))
+            bar.update(sum(len(g[0]) for g in done["groups"].values()) + len(done["refused"]) + len(done["skipped"]))
         for rest in pending.drain():
             encode(*rest)
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, model.dim), dtype=np.float32)
@@ -262,7 +267,9 @@ class _Batcher:
         return self._take(modality, len(indices_so_far) - len(indices_so_far) % self.batch_size)
 
     def drain(self) -> list[tuple]:
-        return [batch for modality in list(self.parts) for batch in self._take(modality, len(self.parts[modality][0]))]
+        """Whatever is left, in batches of at most ``batch_size``."""
+        return [batch for modality in list(self.parts)
+                for batch in self._take(modality, len(self.parts[modality][0]))]
 
     def _take(self, modality: str, n: int) -> list[tuple]:
         """The first n pending inputs of a modality, as (modality, tensor, indices, items) batches."""
@@ -280,8 +287,8 @@ def default_workers(n_inputs: int, batch_size: int) -> int:
     """Decoding processes: none for a single batch, else one per core (at most 16).
 
     On a GPU decoding is the bottleneck, so every core helps. On a CPU the encoder needs the cores too,
-    but workers only run while their prefetch queue has room, and on 2 cores 2 workers measured best
-    (bench/bench_embed.py: 86 % of the bare encoder's throughput on 512-px JPEGs, against 78 % with 1).
+    but workers only run while their prefetch queue has room; on 2 cores, of 0, 1 and 2 workers,
+    2 measured best (bench/bench_embed.py).
     """
     if n_inputs <= batch_size:
         return 0

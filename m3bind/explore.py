@@ -5,7 +5,8 @@ model fingerprint) and cached; new points (a query, text prompts) are *placed* i
 the reducer's ``transform``, never by refitting, so the library's layout stays put while one explores.
 UMAP (cosine metric, after a PCA to 50 dimensions for speed) draws libraries of ``MIN_UMAP_ITEMS``
 items or more; smaller ones get a PCA map, because UMAP's neighbourhood graph means little on a handful
-of points.
+of points. Libraries above ``MAX_MAP_ITEMS`` are drawn from a fixed random sample of them, which keeps
+fitting within a minute and the plot within a browser's reach.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from .errors import InputError
 
 MIN_UMAP_ITEMS = 15
+MAX_MAP_ITEMS = 20_000  # larger libraries are drawn from a fixed random sample of this size
 PCA_DIMS = 50
 
 
@@ -123,7 +125,12 @@ class MapCache:
             if key in self._maps:
                 self._maps.move_to_end(key)
                 return self._maps[key]
+            if len(ids) > MAX_MAP_ITEMS:
+                keep = np.sort(np.random.default_rng(int(key[:8], 16)).choice(len(ids), MAX_MAP_ITEMS, replace=False))
+                ids, vectors = ids[keep], vectors[keep]
             coords, pca, reducer, method, note = fit_map(vectors)
+            if len(ids) < len(library):
+                note += f" A random {len(ids):,} of the library's {len(library):,} items are shown."
             items = [library.item(int(i)) for i in ids]
             found = LibraryMap(ids=ids, coords=coords, modalities=[it["modality"] for it in items],
                                labels=[it["label"] for it in items], sources=[it["source"] for it in items],

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,6 +35,16 @@ from .sample import Sample
 Progress = Callable[[float, str], None]
 _CACHE_ITEMS = 32  # decoded uploads kept, so classify/search/explore of one upload decode it once
 _ADD_BATCH = 32  # inputs decoded at a time when adding many files to the library
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read an upload: the user's modality override, a DICOM window (centre, width), and the
+    sampling rate of a CSV/NPY ECG that does not state it."""
+
+    modality: str | None = None
+    window: tuple[float, float] | None = None
+    sampling_rate: float | None = None
 
 
 def default_home() -> Path:
@@ -138,23 +149,22 @@ class Workspace:
         return by_label
 
     # ------------------------------------------------------------------------------------ uploads
-    def read(self, files: str | os.PathLike | Sequence[str | os.PathLike] | None, modality: str | None = None,
-             window: tuple[float, float] | None = None) -> Sample:
+    def read(self, files: str | os.PathLike | Sequence[str | os.PathLike] | None,
+             options: ReadOptions = ReadOptions()) -> Sample:
         """One uploaded input (an image, a DICOM file, an ECG file or the files of one WFDB record)."""
-        return self._entry(files, modality, window)[0]
+        return self._entry(files, options)[0]
 
-    def embed(self, files: Any, modality: str | None = None, window: tuple[float, float] | None = None) -> np.ndarray:
-        key = self._key(files, modality, window)
-        sample, vector = self._entry(files, modality, window)
+    def embed(self, files: Any, options: ReadOptions = ReadOptions()) -> np.ndarray:
+        key = self._key(files, options)
+        sample, vector = self._entry(files, options)
         if vector is None:
             vector = np.asarray(self.model.embed(sample), dtype=np.float32)
             with self._cache_lock:
                 self._cache[key] = (sample, vector)
         return vector
 
-    def _entry(self, files: Any, modality: str | None, window: tuple[float, float] | None
-               ) -> tuple[Sample, np.ndarray | None]:
-        key = self._key(files, modality, window)
+    def _entry(self, files: Any, options: ReadOptions) -> tuple[Sample, np.ndarray | None]:
+        key = self._key(files, options)
         with self._cache_lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -166,7 +176,8 @@ class Workspace:
             raise InputError("Give one input: one image or DICOM file, or the files of one ECG record "
                              f"(.hea with its .dat or .mat); {len(records)} were given.")
         record = records[0]
-        sample = load_input(list(record) if len(record) > 1 else record[0], modality, window=window)
+        sample = load_input(list(record) if len(record) > 1 else record[0], options.modality, window=options.window,
+                            sampling_rate=options.sampling_rate)
         with self._cache_lock:
             self._cache[key] = (sample, None)
             while len(self._cache) > _CACHE_ITEMS:
@@ -174,7 +185,7 @@ class Workspace:
         return sample, None
 
     @staticmethod
-    def _key(files: Any, modality: str | None, window: tuple[float, float] | None) -> tuple:
+    def _key(files: Any, options: ReadOptions) -> tuple:
         parts = []
         for p in _as_list(files):
             try:
@@ -182,7 +193,7 @@ class Workspace:
             except OSError:
                 raise InputError(f"The file {Path(p).name} is no longer available; upload it again.") from None
             parts.append((str(p), st.st_size, st.st_mtime_ns))
-        return tuple(parts), modality, None if window is None else tuple(float(v) for v in window)
+        return tuple(parts), options
 
     def example_path(self, key: str) -> Path:
         get_example(key)
@@ -199,11 +210,11 @@ class Workspace:
         query = self.model.embed_text([text])[0]
         return self._search(query, k, modalities or None, None, per_modality)
 
-    def search_similar(self, files: Any, modality: str | None = None, window: tuple[float, float] | None = None,
-                       k: int = 12, other_modalities: bool = True) -> tuple[Sample, list[Hit]]:
+    def search_similar(self, files: Any, options: ReadOptions = ReadOptions(), k: int = 12,
+                       other_modalities: bool = True) -> tuple[Sample, list[Hit]]:
         """Items nearest an uploaded input; with ``other_modalities`` only those of other modalities."""
-        sample = self.read(files, modality, window)
-        query = self.embed(files, modality, window)
+        sample = self.read(files, options)
+        query = self.embed(files, options)
         exclude = sample.modality if other_modalities else None
         return sample, self._search(query, k, None, exclude, per_modality=other_modalities)
 
@@ -225,8 +236,7 @@ class Workspace:
 
     # ----------------------------------------------------------------------------------- few-shot
     def fewshot(self, query: Any, classes: dict[str, Sequence[Any]], method: str = "prototype",
-                modality: str | None = None, window: tuple[float, float] | None = None,
-                use_library: bool = False, progress: Progress | None = None) -> dict[str, float]:
+                options: ReadOptions = ReadOptions(), use_library: bool = False, progress: Progress | None = None) -> dict[str, float]:
         """Probabilities of the query over classes learnt from a few examples each.
 
         ``classes`` maps a class name to its uploaded example files (a WFDB record's files form one example);
@@ -263,7 +273,7 @@ class Workspace:
         else:
             raise InputError(f"Unknown few-shot method {method!r}; use \"prototype\" or \"probe\".")
         clf.fit(np.stack(vectors), labels)
-        probs = clf.predict_proba(self.embed(query, modality, window)[None])[0]
+        probs = clf.predict_proba(self.embed(query, options)[None])[0]
         return {c: float(p) for c, p in zip(clf.classes_, probs)}
 
 

@@ -199,25 +199,28 @@ print("saved", flush=True)
 
 def test_killed_save_leaves_previous_library_loadable(small_lib, tmp_path):
     lib, x, _, _ = small_lib
-    target = tmp_path / "lib"
+    libraries, scratch = tmp_path / "libraries", tmp_path / "scratch"
+    scratch.mkdir()
+    target = libraries / "lib"
     lib.save(target)
     child = subprocess.Popen([sys.executable, "-c", _CHILD.format(repo=str(REPO), path=str(target))],
-                             stdout=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "TMPDIR": str(scratch)})  # its working copy dies with tmp_path
     try:
         assert child.stdout.readline().strip() == "ready"
         deadline = time.monotonic() + 60
-        while not list(tmp_path.glob(".lib.tmp-*")):  # the save has begun writing
+        while not list(libraries.glob(".lib.tmp-*")):  # the save has begun writing
             assert time.monotonic() < deadline and child.poll() is None
             time.sleep(0.001)
         child.send_signal(signal.SIGKILL)
     finally:
         child.wait()
     assert child.returncode == -signal.SIGKILL
-    assert list(tmp_path.glob(".lib.tmp-*")), "killed before the rename: its temporary directory is left"
+    assert list(libraries.glob(".lib.tmp-*")), "killed before the rename: its temporary directory is left"
     old = Library.load(target, expected_fingerprint="model-A")
     assert len(old) == 300 and old.search(x[42], k=1)[0].id == 42
     old.save(target)  # a later save clears what the killed one left
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib"]
+    assert sorted(p.name for p in libraries.iterdir()) == ["lib"]
     old.close()
 
 
