@@ -108,31 +108,40 @@ def statement_captions(findings: list[str], modality: str, n_templates: int = 3)
 # Per-dataset class tables. Keys are the labels as the data stores them.
 PNEUMONIAMNIST = (
     Concept("no acute cardiopulmonary abnormality",
-            ("normal chest", "clear lungs without focal consolidation", "no evidence of pneumonia")),
+            ("normal chest", "clear lungs without focal consolidation", "no evidence of pneumonia",
+             "normal study, no abnormality")),
     Concept("pneumonia", ("focal consolidation consistent with pneumonia",
-                          "airspace opacity suggestive of pneumonia", "pneumonic infiltrate")),
+                          "airspace opacity suggestive of pneumonia", "pneumonic infiltrate",
+                          "abnormal study: pneumonia")),
 )
 BREASTMNIST = (
-    Concept("malignant breast lesion", ("breast cancer", "an irregular hypoechoic mass suspicious for malignancy")),
+    Concept("malignant breast lesion", ("breast cancer", "an irregular hypoechoic mass suspicious for malignancy",
+                                        "abnormal study: malignant lesion")),
     Concept("normal or benign breast tissue", ("benign breast lesion", "normal breast parenchyma",
-                                               "a circumscribed benign-appearing breast mass")),
+                                               "a circumscribed benign-appearing breast mass",
+                                               "normal study, no malignancy")),
 )
 RETINAMNIST = (
-    Concept("no diabetic retinopathy", ("a healthy retina", "no signs of diabetic retinopathy")),
-    Concept("mild diabetic retinopathy", ("mild nonproliferative diabetic retinopathy", "a few microaneurysms")),
+    Concept("no diabetic retinopathy", ("a healthy retina", "no signs of diabetic retinopathy",
+                                        "normal study, no abnormality")),
+    Concept("mild diabetic retinopathy", ("mild nonproliferative diabetic retinopathy", "a few microaneurysms", "abnormal study: diabetic retinopathy")),
     Concept("moderate diabetic retinopathy", ("moderate nonproliferative diabetic retinopathy",
-                                              "microaneurysms, dot hemorrhages and hard exudates")),
+                                              "microaneurysms, dot hemorrhages and hard exudates",
+                                              "abnormal study: diabetic retinopathy")),
     Concept("severe diabetic retinopathy", ("severe nonproliferative diabetic retinopathy",
-                                            "extensive intraretinal hemorrhages and venous beading")),
-    Concept("proliferative diabetic retinopathy", ("retinal neovascularization", "neovascularization of the disc")),
+                                            "extensive intraretinal hemorrhages and venous beading",
+                                            "abnormal study: diabetic retinopathy")),
+    Concept("proliferative diabetic retinopathy", ("retinal neovascularization", "neovascularization of the disc",
+                                                 "abnormal study: diabetic retinopathy")),
 )
 LC25000 = {
     "lung_aca": Concept("lung adenocarcinoma", ("adenocarcinoma of the lung with malignant gland formation",
-                                                "invasive pulmonary adenocarcinoma")),
+                                                "invasive pulmonary adenocarcinoma", "abnormal study: carcinoma")),
     "lung_n": Concept("benign lung tissue", ("normal lung parenchyma with thin alveolar septa",
-                                             "non-neoplastic lung tissue")),
+                                             "non-neoplastic lung tissue", "normal study, no malignancy")),
     "lung_scc": Concept("lung squamous cell carcinoma", ("keratinizing squamous cell carcinoma of the lung",
-                                                         "squamous cell carcinoma with keratin pearls")),
+                                                         "squamous cell carcinoma with keratin pearls",
+                                                         "abnormal study: carcinoma")),
     "colon_aca": Concept("colon adenocarcinoma", ("adenocarcinoma of the colon", "malignant colonic glands")),
     "colon_n": Concept("benign colonic tissue", ("normal colonic mucosa", "non-neoplastic colon tissue")),
 }
@@ -150,12 +159,12 @@ COVID_FINDINGS = {
 }
 # PTB-XL diagnostic superclasses, spelled out as in the ECG modality's default findings.
 PTBXL_SUPERCLASSES = {
-    "NORM": Concept("normal ECG", ("normal electrocardiogram",)),
-    "MI": Concept("myocardial infarction", ("old or acute myocardial infarction", "infarction pattern")),
-    "STTC": Concept("ST/T change", ("ST-T abnormality", "ischemic ST-T changes")),
+    "NORM": Concept("normal ECG", ("normal electrocardiogram", "normal study, no abnormality")),
+    "MI": Concept("myocardial infarction", ("old or acute myocardial infarction", "infarction pattern", "abnormal ECG")),
+    "STTC": Concept("ST/T change", ("ST-T abnormality", "ischemic ST-T changes", "abnormal ECG")),
     "CD": Concept("conduction disturbance", ("bundle branch block or atrioventricular block",
-                                             "intraventricular conduction delay")),
-    "HYP": Concept("hypertrophy", ("ventricular hypertrophy", "atrial or ventricular enlargement")),
+                                             "intraventricular conduction delay", "abnormal ECG")),
+    "HYP": Concept("hypertrophy", ("ventricular hypertrophy", "atrial or ventricular enlargement", "abnormal ECG")),
 }
 
 

@@ -5,6 +5,15 @@
 Every stage saves its models (library format) under ``run_dir`` when it completes; a rerun with the
 same config loads completed stages instead of training them again, so an interrupted run resumes at
 the stage it was in. Runs are deterministic given ``seed``.
+
+Several processes train together with PyTorch DistributedDataParallel when torchrun launches them:
+
+    torchrun --standalone --nproc_per_node 4 -m train.pipeline --config train/configs/default.yaml
+
+Each process then uses its own GPU (nccl), or the CPU (gloo) where CUDA is unavailable; a plain
+``python -m`` run trains in one process on the CPU. Batch sizes in the config are per process, so N
+processes see N times the batch per step and the contrastive negatives span all of them. Only rank 0
+writes checkpoints and the exported model; after every stage the ranks check they hold the same weights.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import yaml
 from m3bind import M3BindModel, TextTowerConfig, load_model
 from m3bind.config import EcgTowerConfig, ImageTowerConfig
 
+from . import distributed
 from .captions import modality_texts, shared_text_corpus
 from .stages import (
     ModalityData, StageConfig, TextFeatures, align, bind, distill, load_modality_data, new_teacher, text_only_model,
@@ -80,13 +90,15 @@ def _stage_done(directory: Path) -> bool:
 
 
 def _save_stage(models: dict[str, M3BindModel], directory: Path, seconds: float) -> None:
-    for name, model in models.items():
-        model.save_pretrained(directory / name)
-    (directory / "DONE").write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
+    if distributed.is_main():
+        for name, model in models.items():
+            model.save_pretrained(directory / name)
+        (directory / "DONE").write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
+    distributed.barrier()  # no rank looks for the next checkpoint before this one is complete
 
 
 def _load_stage(directory: Path, names: list[str]) -> dict[str, M3BindModel]:
-    return {name: load_model(directory / name, device="cpu") for name in names}
+    return {name: load_model(directory / name, device=distributed.device()) for name in names}
 
 
 def run(cfg: PipelineConfig) -> M3BindModel:
@@ -95,8 +107,9 @@ def run(cfg: PipelineConfig) -> M3BindModel:
     started = time.time()
     timings: dict[str, float] = {}
     names = list(cfg.modalities)
+    device = distributed.device()
 
-    teachers = {m: new_teacher(m, plan.tower, cfg.dim, cfg.text, cfg.seed + i)
+    teachers = {m: new_teacher(m, plan.tower, cfg.dim, cfg.text, cfg.seed + i).to(device)
                 for i, (m, plan) in enumerate(cfg.modalities.items())}
     data: dict[str, ModalityData] = {
         m: load_modality_data(teachers[m], m, plan.datasets, "train", cfg.data_root, plan.max_items, cfg.seed,
@@ -114,6 +127,7 @@ def run(cfg: PipelineConfig) -> M3BindModel:
             train_teacher(teachers[m], data[m], cfg.teacher, cfg.seed + i, cfg.modalities[m].trainable_fraction,
                           base_features)
         _save_stage(teachers, stage_dir, time.time() - t0)
+    distributed.check_in_sync(teachers, "teachers")
     timings["teachers"] = time.time() - started - sum(timings.values())
 
     stage_dir = cfg.run_dir / "aligned"
@@ -125,6 +139,7 @@ def run(cfg: PipelineConfig) -> M3BindModel:
         aligned = align({m: copy.deepcopy(t) for m, t in teachers.items()}, data, shared, cfg.align, cfg.seed,
                         base_features)
         _save_stage(aligned, stage_dir, time.time() - t0)
+    distributed.check_in_sync(aligned, "aligned teachers")
     timings["align"] = time.time() - started - sum(timings.values())
 
     stage_dir = cfg.run_dir / "student"
@@ -139,27 +154,30 @@ def run(cfg: PipelineConfig) -> M3BindModel:
             if cfg.distill_texts and len(pool) > cfg.distill_texts:
                 pool = [pool[i] for i in sorted(rng.choice(len(pool), cfg.distill_texts, replace=False))]
             texts[m] = pool
-        student = text_only_model(cfg.text, cfg.dim, f"{cfg.name}-student", cfg.seed)
+        student = text_only_model(cfg.text, cfg.dim, f"{cfg.name}-student", cfg.seed).to(device)
         distill(student, aligned, texts, cfg.distill, cfg.seed,
                 base_features if cfg.align.lora_layers == 0 else None)
         _save_stage({"text": student}, stage_dir, time.time() - t0)
+    distributed.check_in_sync({"text": student}, "student")
     timings["distill"] = time.time() - started - sum(timings.values())
 
     bound = bind(aligned, student, cfg.name, cfg.modality_towers)
     if cfg.export_dtype:
         bound.round_weights(getattr(torch, cfg.export_dtype))
     timings["total"] = time.time() - started
-    table = ""
-    if cfg.evaluate:
-        from .evaluate import compare, markdown_table
+    if distributed.is_main():  # the others wait at the barrier below
+        table = ""
+        if cfg.evaluate:
+            from .evaluate import compare, markdown_table
 
-        results = compare(bound, teachers, data_root=cfg.data_root)
-        (cfg.export_dir).mkdir(parents=True, exist_ok=True)
-        (cfg.export_dir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
-        table = markdown_table(results)
-        print(table)
-    bound.save_pretrained(cfg.export_dir, card=model_card(cfg, timings, table),
-                          dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
+            results = compare(bound, teachers, data_root=cfg.data_root)
+            (cfg.export_dir).mkdir(parents=True, exist_ok=True)
+            (cfg.export_dir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+            table = markdown_table(results)
+            print(table)
+        bound.save_pretrained(cfg.export_dir, card=model_card(cfg, timings, table),
+                              dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
+    distributed.barrier()
     return bound
 
 
@@ -197,8 +215,13 @@ def main(argv: list[str] | None = None) -> None:
         cfg.run_dir = Path(args.run_dir)
     if args.export_dir:
         cfg.export_dir = Path(args.export_dir)
-    run(cfg)
-    print(f"model written to {cfg.export_dir}")
+    distributed.setup()
+    try:
+        run(cfg)
+        if distributed.is_main():
+            print(f"model written to {cfg.export_dir}")
+    finally:
+        distributed.cleanup()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@
 
 While a text body is frozen its pooled sentence vectors are cached (``TextFeatures``), which is what
 makes the CPU budget possible.
+
+Under ``torchrun`` (see ``train/distributed.py``) every stage runs in every process: each draws its own
+batches (batch sizes are per process), what trains is wrapped in DistributedDataParallel, which averages
+the gradients, and the contrastive loss gathers every process's batch, so its negatives span them all.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from tqdm.auto import tqdm
 from m3bind import M3BindModel, ModelConfig, Sample, TextTowerConfig
 from m3bind.config import EcgTowerConfig, ImageTowerConfig
 
+from . import distributed
 from .data import load_dataset
 from .losses import class_aware_contrastive, distillation, pairwise_alignment
 
@@ -117,11 +122,15 @@ class TextFeatures:
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        body = self.model.text.model
+        was_training = body.training
+        body.eval()  # the frozen body's features, as at inference: no dropout in what is cached
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
-            tokens = self.model.text.tokenize(chunk)
+            tokens = {k: v.to(self.model.device) for k, v in self.model.text.tokenize(chunk).items()}
             for text, vec in zip(chunk, self.model.text.pool(tokens)):
                 self.cache[text] = vec
+        body.train(was_training)
         return torch.stack([self.cache[t] for t in texts])
 
 
@@ -207,6 +216,30 @@ def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sc
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
+class _TextPath(nn.Module):
+    """A model's text path as a module with a forward: what DDP wraps when only text trains (stage 2)."""
+
+    def __init__(self, model: M3BindModel, cache: TextFeatures | None):
+        super().__init__()
+        self.model, self.cache = model, cache
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        return text_embeddings(self.model, texts, self.cache)
+
+
+class _PairPath(_TextPath):
+    """Tower, text path and temperature of one modality's run behind a single forward, because DDP allows
+    one forward of what it wraps per backward."""
+
+    def __init__(self, model: M3BindModel, cache: TextFeatures | None, modality: str, log_scale: nn.Parameter):
+        super().__init__(model, cache)
+        self.modality, self.log_scale = modality, log_scale
+
+    def forward(self, inputs: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image = self.model.encode(self.modality, inputs)
+        return image, super().forward(texts), self.log_scale.exp().clamp(max=100)
+
+
 class _ModalityRun:
     """One teacher's training state inside a stage: data, optimiser, temperature, text cache."""
 
@@ -215,18 +248,20 @@ class _ModalityRun:
         self.model, self.data, self.cfg = model, data, cfg
         self.kind = "ecg" if data.inputs.dim() == 3 else "image"
         self.cache = (base_features or TextFeatures(model)) if cfg.lora_layers == 0 else None
-        self.log_scale = nn.Parameter(torch.tensor(math.log(model.config.logit_scale)))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(model.config.logit_scale), device=model.device))
         self.optimizer = _optimizer(model, data.modality, self.log_scale, cfg)
         self.scheduler = _schedule(self.optimizer, cfg.steps)
+        seed = distributed.rank_seed(seed)
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.batches = data.batches(min(cfg.batch_size, len(data)), self.rng)
+        self.encoders = distributed.wrap(_PairPath(model, self.cache, data.modality, self.log_scale))
 
-    def contrastive_loss(self) -> torch.Tensor:
+    def contrastive_loss(self, shared: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss on the next batch, and the embeddings of ``shared`` texts from the same forward."""
         inputs, texts, keys = next(self.batches)
-        image = self.model.encode(self.data.modality, augment(inputs, self.kind, self.generator))
-        text = text_embeddings(self.model, texts, self.cache)
-        return class_aware_contrastive(image, text, keys, self.log_scale.exp().clamp(max=100))
+        image, text, scale = self.encoders(augment(inputs, self.kind, self.generator), list(texts) + list(shared))
+        return class_aware_contrastive(image, text[:len(texts)], keys, scale), text[len(texts):]
 
     def step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -236,6 +271,7 @@ class _ModalityRun:
         self.scheduler.step()
 
     def finish(self) -> None:
+        distributed.sync_buffers(self.model)
         self.model.config.logit_scale = float(self.log_scale.detach().exp().clamp(max=100))
         self.model.eval()
 
@@ -246,8 +282,8 @@ def train_teacher(model: M3BindModel, data: ModalityData, cfg: StageConfig, seed
     freeze_tower_bottom(model, data.modality, trainable_fraction)
     model.train()
     run = _ModalityRun(model, data, cfg, seed, base_features)
-    for _ in tqdm(range(cfg.steps), desc=f"teacher {data.modality}"):
-        run.step(run.contrastive_loss())
+    for _ in tqdm(range(cfg.steps), desc=f"teacher {data.modality}", disable=not distributed.is_main()):
+        run.step(run.contrastive_loss()[0])
     run.finish()
     return model
 
@@ -265,11 +301,17 @@ def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], share
         model.train()
         runs[modality] = _ModalityRun(model, data[modality], cfg, seed + i, base_features)
     rng = np.random.default_rng(seed)
-    progress = tqdm(range(cfg.steps), desc="stage 1 align")
+    size = min(len(shared_texts), cfg.shared_batch * distributed.world_size())
+    progress = tqdm(range(cfg.steps), desc="stage 1 align", disable=not distributed.is_main())
     for _ in progress:
-        shared = [shared_texts[i] for i in rng.choice(len(shared_texts), cfg.shared_batch, replace=False)]
-        own = sum(run.contrastive_loss() for run in runs.values())
-        aligned = pairwise_alignment([text_embeddings(r.model, shared, r.cache) for r in runs.values()])
+        shared = [shared_texts[i] for i in distributed.shard(rng.choice(len(shared_texts), size, replace=False))]
+        if distributed.world_size() > 1:  # DDP: captions and shared texts in one forward per teacher
+            own, embedded = zip(*(run.contrastive_loss(shared) for run in runs.values()))
+            own = sum(own)
+        else:  # one process keeps its order of forwards (and so its dropout draws and results)
+            own = sum(run.contrastive_loss()[0] for run in runs.values())
+            embedded = [text_embeddings(r.model, shared, r.cache) for r in runs.values()]
+        aligned = pairwise_alignment(embedded)
         loss = own + cfg.align_weight * aligned
         for run in runs.values():
             run.optimizer.zero_grad(set_to_none=True)
@@ -294,7 +336,8 @@ def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[
     """
     with torch.no_grad():
         targets = {m: (F.normalize(t.text.proj(base_features(texts[m])), dim=-1) if base_features is not None
-                       else torch.from_numpy(t.embed_text(list(texts[m])))) for m, t in teachers.items()}
+                       else torch.from_numpy(t.embed_text(list(texts[m]))).to(student.device))
+                   for m, t in teachers.items()}
     freeze_text_body(student)
     if cfg.lora_layers:
         add_lora(student, cfg.lora_rank, cfg.lora_layers)
@@ -304,14 +347,20 @@ def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[
     params = [p for p in student.text.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = _schedule(optimizer, cfg.steps)
+    encoder = distributed.wrap(_TextPath(student, cache))
     rng = np.random.default_rng(seed)
-    progress = tqdm(range(cfg.steps), desc="stage 2 distill")
+    progress = tqdm(range(cfg.steps), desc="stage 2 distill", disable=not distributed.is_main())
     for _ in progress:
-        loss = 0.0
-        for modality, target in targets.items():
-            idx = rng.choice(len(target), min(cfg.batch_size, len(target)), replace=False)
-            batch = [texts[modality][i] for i in idx]
-            loss = loss + distillation(text_embeddings(student, batch, cache), target[idx])
+        # every rank draws the same batches of world_size * batch_size texts and takes its own share
+        idx = {m: distributed.shard(rng.choice(len(t), min(cfg.batch_size * distributed.world_size(), len(t)),
+                                               replace=False)) for m, t in targets.items()}
+        batches = {m: [texts[m][i] for i in rows] for m, rows in idx.items()}
+        if distributed.world_size() > 1:  # DDP: every modality's texts in one forward
+            together = encoder([text for batch in batches.values() for text in batch])
+            embedded = dict(zip(batches, together.split([len(b) for b in batches.values()])))
+        else:  # one process keeps its order of forwards (and so its dropout draws and results)
+            embedded = {m: encoder(batch) for m, batch in batches.items()}
+        loss = sum(distillation(embedded[m], target[idx[m]]) for m, target in targets.items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
