@@ -12,9 +12,25 @@ from .errors import CorruptFileError, InputError, InputTooLargeError, Unsupporte
 from .modalities import Modality, get_modality, modality_names, register
 from .readers import Limits, load_input
 from .sample import Sample
-from .config import EcgTowerConfig, ImageTowerConfig, ModelConfig, TextTowerConfig, default_config
-from .model import M3BindModel, load_model
 from .library import Hit, Library, LibraryMismatchError
+
+# The model side pulls in torch (about 0.5 GB): loaded on first use, so that a process that only reads
+# files or searches a library stays small.
+_LAZY = {
+    "EcgTowerConfig": ".config", "ImageTowerConfig": ".config", "ModelConfig": ".config",
+    "TextTowerConfig": ".config", "default_config": ".config",
+    "M3BindModel": ".model", "load_model": ".model",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'm3bind' has no attribute {name!r}")
 
 __all__ = [
     "CorruptFileError", "InputError", "InputTooLargeError", "UnsupportedFormatError", "WrongModalityError",

@@ -18,6 +18,7 @@ from .modalities import Modality
 from .weights import package_name, package_trunk_state, resolve_text_source
 
 PUBLISHED_PREFIXES = ("hf-hub:", "local-dir:")
+_CHANNEL_MEAN = np.full(3, 1 / 3, dtype=np.float32)
 
 
 class ImageTower(nn.Module):
@@ -57,16 +58,22 @@ class ImageTower(nn.Module):
         return {}
 
     def preprocess(self, image: np.ndarray, modality: Modality) -> torch.Tensor:
-        """(H, W, 3) float in [0, 1] -> (3, S, S): grey if the modality is grey, padded square, resized."""
-        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
+        """(H, W, 3) float in [0, 1] -> (3, S, S): grey if the modality is grey, resized to fit, padded square.
+
+        Grey images are reduced to one channel first and padding comes after resizing, so the per-item cost
+        stays small next to the encoder even for 512-px inputs.
+        """
+        image = np.asarray(image, dtype=np.float32)
         if modality.grayscale:
-            x = x.mean(0, keepdim=True).expand(3, -1, -1)
+            image = (image @ _CHANNEL_MEAN)[..., None]
+        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         h, w = x.shape[1:]
-        side = max(h, w)
-        x = F.pad(x, ((side - w) // 2, side - w - (side - w) // 2, (side - h) // 2, side - h - (side - h) // 2))
         size = self.cfg.image_size
-        x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=side > size, align_corners=False)[0]
-        return x
+        scale = size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=scale < 1, align_corners=False)[0]
+        x = F.pad(x, ((size - nw) // 2, size - nw - (size - nw) // 2, (size - nh) // 2, size - nh - (size - nh) // 2))
+        return x.expand(3, -1, -1) if x.shape[0] == 1 else x
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.proj(self.visual((pixels - self.mean) / self.std))
