@@ -146,11 +146,12 @@ class M3BindModel(nn.Module):
         return base
 
     def round_weights(self, dtype: torch.dtype = torch.float16) -> "M3BindModel":
-        """Round every floating weight to ``dtype`` precision (kept in float32), so that a model saved in
-        ``dtype`` reloads to exactly the same embeddings; halves the size of a model directory."""
+        """Round every trained floating weight to ``dtype`` precision (kept in float32), so that a model saved
+        in ``dtype`` reloads to exactly the same embeddings. Base weights stay as their source has them."""
+        base = self._base_state()
         with torch.no_grad():
-            for tensor in self.state_dict().values():
-                if tensor.is_floating_point():
+            for key, tensor in self.state_dict().items():
+                if tensor.is_floating_point() and not (key in base and torch.equal(base[key], tensor.cpu())):
                     tensor.copy_(tensor.to(dtype))
         self._fingerprint = None
         return self

@@ -97,6 +97,11 @@ def _save_stage(models: dict[str, M3BindModel], directory: Path, seconds: float)
     distributed.barrier()  # no rank looks for the next checkpoint before this one is complete
 
 
+def _stage_seconds(directory: Path) -> float:
+    """How long a stage trained, as recorded when it completed (also when this run only resumed it)."""
+    return float(json.loads((directory / "DONE").read_text())["seconds"])
+
+
 def _load_stage(directory: Path, names: list[str]) -> dict[str, M3BindModel]:
     return {name: load_model(directory / name, device=distributed.device()) for name in names}
 
@@ -104,49 +109,55 @@ def _load_stage(directory: Path, names: list[str]) -> dict[str, M3BindModel]:
 def run(cfg: PipelineConfig) -> M3BindModel:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    started = time.time()
     timings: dict[str, float] = {}
     names = list(cfg.modalities)
     device = distributed.device()
 
     teachers = {m: new_teacher(m, plan.tower, cfg.dim, cfg.text, cfg.seed + i).to(device)
                 for i, (m, plan) in enumerate(cfg.modalities.items())}
-    data: dict[str, ModalityData] = {
-        m: load_modality_data(teachers[m], m, plan.datasets, "train", cfg.data_root, plan.max_items, cfg.seed,
-                              plan.pair_modalities)
-        for m, plan in cfg.modalities.items()}
     base_features = TextFeatures(next(iter(teachers.values())))  # every teacher starts from the same text base
-    timings["decode"] = time.time() - started
+    data: dict[str, ModalityData] = {}
+
+    def training_data() -> dict[str, ModalityData]:
+        """Decoded once, and only if a stage still has to train (a resumed finished run skips it)."""
+        if not data:
+            for m, plan in cfg.modalities.items():
+                data[m] = load_modality_data(teachers[m], m, plan.datasets, "train", cfg.data_root, plan.max_items,
+                                             cfg.seed, plan.pair_modalities)
+        return data
 
     stage_dir = cfg.run_dir / "teachers"
     if _stage_done(stage_dir):
         teachers = _load_stage(stage_dir, names)
     else:
-        t0 = time.time()
+        t0 = time.time()  # the teachers' time includes decoding the training data
+        data = training_data()
         for i, m in enumerate(names):
             train_teacher(teachers[m], data[m], cfg.teacher, cfg.seed + i, cfg.modalities[m].trainable_fraction,
                           base_features)
         _save_stage(teachers, stage_dir, time.time() - t0)
     distributed.check_in_sync(teachers, "teachers")
-    timings["teachers"] = time.time() - started - sum(timings.values())
+    timings["teachers"] = _stage_seconds(cfg.run_dir / "teachers")
 
     stage_dir = cfg.run_dir / "aligned"
     if _stage_done(stage_dir):
         aligned = _load_stage(stage_dir, names)
     else:
         t0 = time.time()
+        data = training_data()
         shared = shared_text_corpus(cfg.data_root, max_per_source=max(1, cfg.shared_texts // 5), seed=cfg.seed)
         aligned = align({m: copy.deepcopy(t) for m, t in teachers.items()}, data, shared, cfg.align, cfg.seed,
                         base_features)
         _save_stage(aligned, stage_dir, time.time() - t0)
     distributed.check_in_sync(aligned, "aligned teachers")
-    timings["align"] = time.time() - started - sum(timings.values())
+    timings["align"] = _stage_seconds(cfg.run_dir / "aligned")
 
     stage_dir = cfg.run_dir / "student"
     if _stage_done(stage_dir):
         student = _load_stage(stage_dir, ["text"])["text"]
     else:
         t0 = time.time()
+        data = training_data()
         rng = np.random.default_rng(cfg.seed)
         texts = {}
         for m in names:
@@ -159,12 +170,12 @@ def run(cfg: PipelineConfig) -> M3BindModel:
                 base_features if cfg.align.lora_layers == 0 else None)
         _save_stage({"text": student}, stage_dir, time.time() - t0)
     distributed.check_in_sync({"text": student}, "student")
-    timings["distill"] = time.time() - started - sum(timings.values())
+    timings["distill"] = _stage_seconds(cfg.run_dir / "student")
 
     bound = bind(aligned, student, cfg.name, cfg.modality_towers)
     if cfg.export_dtype:
         bound.round_weights(getattr(torch, cfg.export_dtype))
-    timings["total"] = time.time() - started
+    timings["total"] = sum(timings.values())
     if distributed.is_main():  # the others wait at the barrier below
         table = ""
         if cfg.evaluate:
