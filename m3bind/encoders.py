@@ -47,6 +47,14 @@ class ImageTower(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
 
+    def base_keys(self) -> set[str]:
+        """Names of the weights that come from the tower's source (a saved model may omit them)."""
+        if self.cfg.source and self.cfg.source.startswith(PUBLISHED_PREFIXES):
+            return {f"visual.{k}" for k in self.visual.state_dict()}
+        if package_name(self.cfg.source):
+            return {f"visual.trunk.{k}" for k in self.visual.trunk.state_dict()}
+        return set()
+
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights the tower starts from, reloaded from their source (what a saved model may omit)."""
         if self.cfg.source and self.cfg.source.startswith(PUBLISHED_PREFIXES):
@@ -106,6 +114,9 @@ class EcgTower(nn.Module):
         self.blocks = nn.Sequential(*[_ResidualBlock1d(a, b, cfg.kernel_size, 2) for a, b in zip(widths, widths[1:])])
         self.proj = nn.Linear(widths[-1] * 2, dim)
 
+    def base_keys(self) -> set[str]:
+        return set()
+
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -129,6 +140,9 @@ class TextTower(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path)
         self.proj = nn.Linear(self.model.config.hidden_size, dim, bias=False)
+
+    def base_keys(self) -> set[str]:
+        return {f"model.{k}" for k in self.model.state_dict()}
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         from transformers import AutoModel

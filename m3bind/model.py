@@ -182,7 +182,9 @@ class M3BindModel(nn.Module):
         model = cls(ModelConfig.load(directory / CONFIG_NAME))
         saved = load_file(str(directory / WEIGHTS_NAME))
         missing, unexpected = model.load_state_dict(saved, strict=False)
-        base_keys = set(model._base_state()) if missing else set()
+        base_keys = {f"text.{k}" for k in model.text.base_keys()}
+        for name, tower in model.towers.items():
+            base_keys |= {f"towers.{name}.{k}" for k in tower.base_keys()}
         if unexpected or set(missing) - base_keys:
             raise InputError(f"The weights in {directory} do not match its config "
                              f"(unexpected: {unexpected[:3]}, missing: {sorted(set(missing) - base_keys)[:3]}).")
