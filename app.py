@@ -25,12 +25,15 @@ import m3bind  # noqa: E402
 from m3bind import explore, figures  # noqa: E402
 from m3bind.examples import EXAMPLES  # noqa: E402
 from m3bind.readers.ecg import LEADS  # noqa: E402
-from m3bind.workspace import Workspace  # noqa: E402
+from m3bind.workspace import ReadOptions, Workspace  # noqa: E402
 
 log = logging.getLogger("m3bind.app")
 
 MAX_UPLOAD = "100mb"
 PREVIEW_MIN_SIDE = 384
+# Worker threads of the server. Every thread that runs the model keeps its own scratch buffers, so
+# Gradio's default of 40 let memory creep past 2 GiB; the queue runs only a few actions at a time anyway.
+MAX_THREADS = 8
 AUTO = "auto"
 METHODS = [("Prototypes (class means, works from 1 example)", "prototype"),
            ("Linear probe (logistic regression, better with several)", "probe")]
@@ -105,8 +108,10 @@ def _describe(sample: m3bind.Sample) -> str:
             meta.get("modality_source"), "from the file")
     facts = [f"**{title}** ({how})", str(meta.get("format", "")).upper()]
     if sample.kind == "ecg":
-        fs = meta.get("fs_original")
-        facts.append(f"{meta.get('duration_s', 10):.0f} s" + (f", recorded at {fs:g} Hz" if fs else ""))
+        fs, seconds = meta.get("fs_original"), float(meta.get("duration_s", 10))
+        span = (f"the first 10 s of {seconds:.0f} s" if seconds > 10.5 else
+                f"{seconds:.1f} s, padded to 10 s" if meta.get("padded_s") else f"{seconds:.0f} s")
+        facts.append(span + (f", recorded at {fs:g} Hz" if fs else ""))
         missing = [lead for lead, ok in zip(LEADS, meta.get("lead_mask", [])) if not ok]
         facts.append(f"leads not recorded: {', '.join(missing)}" if missing else "all 12 leads")
     else:
@@ -159,22 +164,29 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
     ws = Workspace(model, home)
     modality_choices = [("Auto-detect", AUTO)] + [(m3bind.get_modality(m).title, m) for m in model.modalities]
 
-    def window_for(files, centre, width):
-        """The window typed in, or None where it is the file's own (so the file's VOI function applies)."""
+    def options(files, modality, centre, width, rate) -> ReadOptions:
+        """How to read the upload. A window equal to the file's own is dropped, so the file's VOI function
+        (which may be non-linear) applies rather than a linear window with the same numbers."""
+        rate = float(rate) if rate else None
         window = _window(centre, width)
-        if window is not None and list(window) == ws.read(files).meta.get("window"):
-            return None
-        return window
+        if window is not None and list(window) == ws.read(files, ReadOptions(sampling_rate=rate)).meta.get("window"):
+            window = None
+        return ReadOptions(_modality(modality), window, rate)
 
     @_friendly("classify")
-    def classify(files, modality, labels, centre, width):
-        sample = ws.read(files, _modality(modality), window_for(files, centre, width))
+    def classify(files, modality, labels, centre, width, rate):
+        sample = ws.read(files, options(files, modality, centre, width, rate))
         probs = model.classify(sample, parse_findings(labels))
         title = f"{m3bind.get_modality(sample.modality).title}: zero-shot probabilities"
-        image, ecg = _views(sample)
-        return _describe(sample), image, ecg, figures.probability_figure(probs, title), probs
+        return _describe(sample), figures.probability_figure(probs, title), probs
 
-    def open_file(files, labels):
+    @_friendly("show this file")
+    def show(files, modality, centre, width, rate):
+        """The view of the upload as read now (after a new window, say): image or ECG plot."""
+        sample = ws.read(files, options(files, modality, centre, width, rate))
+        return (_describe(sample), *_views(sample))
+
+    def open_file(files, labels, rate):
         """A new upload: show it, detect its modality, offer its findings and classify, in one step.
         Unreadable files clear the page and say why (in the page and as a toast)."""
         cleared = [gr.update(value=None), gr.update(value=None, visible=False), AUTO, labels,
@@ -182,22 +194,25 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
         if not files:
             return ["Upload a file or pick an example.", *cleared]
         try:
-            sample = ws.read(files)
+            sample = ws.read(files, ReadOptions(sampling_rate=float(rate) if rate else None))
         except m3bind.InputError as exc:
             gr.Warning(str(exc), title="Cannot read this file")
             return [f"❌ **Cannot read this file.** {exc}", *cleared]
         is_dicom_image = sample.kind == "image" and sample.meta.get("format") == "dicom"
         window = sample.meta.get("window") if is_dicom_image else None
         findings = findings_for(sample.modality, labels)
-        described, image, ecg, plot, probs = classify(files, AUTO, findings, None, None)
+        described, plot, probs = classify(files, AUTO, findings, None, None, rate)
+        image, ecg = _views(sample)
         return [described, image, ecg, AUTO, findings, gr.update(visible=window is not None),
                 *(window or (None, None)), window, plot, probs]
 
     @_friendly("change the modality")
-    def change_modality(files, modality, labels):
-        if _modality(modality) is None:
-            return findings_for(ws.read(files).modality, labels) if files else labels
-        return findings_for(modality, labels)
+    def change_modality(files, modality, labels, rate):
+        if _modality(modality) is not None:
+            return findings_for(modality, labels)
+        if not files:
+            return labels
+        return findings_for(ws.read(files, options(files, AUTO, None, None, rate)).modality, labels)
 
     def window_preset(preset, file_window):
         if preset in WINDOW_PRESETS:
@@ -216,8 +231,8 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
         return _gallery(ws, hits), f"{len(hits)} results for “{query.strip()}”."
 
     @_friendly("search")
-    def search_similar(files, modality, centre, width, k, other):
-        sample, hits = ws.search_similar(files, _modality(modality), window_for(files, centre, width), int(k), bool(other))
+    def search_similar(files, modality, centre, width, rate, k, other):
+        sample, hits = ws.search_similar(files, options(files, modality, centre, width, rate), int(k), bool(other))
         scope = "other modalities than " if other else "all modalities, including "
         return _gallery(ws, hits), (f"{len(hits)} nearest items from {scope}"
                                     f"{m3bind.get_modality(sample.modality).title}.")
@@ -243,15 +258,16 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
         return _library_summary(ws)
 
     @_friendly("draw the map")
-    def draw_map(color_by, prompts, place_query, files, modality, centre, width, progress=gr.Progress()):
+    def draw_map(color_by, prompts, place_query, files, modality, centre, width, rate, progress=gr.Progress()):
         progress(0.1, desc="Fitting the map (the first UMAP in a fresh server compiles for about a minute)")
         lmap = ws.library_map()
         texts = parse_findings(prompts)
         prompt_xy = lmap.place(model.embed_text(texts)) if texts else np.zeros((0, 2))
         query = name = None
         if place_query and files:
-            sample = ws.read(files, _modality(modality), window_for(files, centre, width))
-            query = lmap.place(ws.embed(files, _modality(modality), window_for(files, centre, width)))[0]
+            how = options(files, modality, centre, width, rate)
+            sample = ws.read(files, how)
+            query = lmap.place(ws.embed(files, how))[0]
             name = f"your upload ({m3bind.get_modality(sample.modality).title})"
         fig = figures.map_figure(lmap, color_by, query, name or "your upload", list(zip(texts, prompt_xy)))
         return fig, (f"{lmap.method} map of {len(lmap.ids)} library items; the upload and the prompts are placed "
@@ -263,22 +279,23 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
             explore.warm_up_in_background()
 
     @_friendly("classify with your examples")
-    def fewshot(files, modality, centre, width, method, use_library, name1, examples1, name2, examples2, name3,
-                examples3, progress=gr.Progress()):
+    def fewshot(files, modality, centre, width, rate, method, use_library, name1, examples1, name2, examples2,
+                name3, examples3, progress=gr.Progress()):
         named = {}
         for name, examples in ((name1, examples1), (name2, examples2), (name3, examples3)):
             if name and name.strip():
                 named[name.strip()] = examples or []
-        window = window_for(files, centre, width)
-        probs = ws.fewshot(files, named, method, _modality(modality), window, bool(use_library),
-                           progress=lambda f, d: progress(f, desc=d))
-        sample = ws.read(files, _modality(modality), window)
+        how = options(files, modality, centre, width, rate)
+        probs = ws.fewshot(files, named, method, how, bool(use_library), progress=lambda f, d: progress(f, desc=d))
+        sample = ws.read(files, how)
         title = "Few-shot probabilities (" + dict((v, k) for k, v in METHODS)[method].split(" (")[0] + ")"
         names = ", ".join(Path(f).name for f in files)
         note = f"Classified: **{names}** ({m3bind.get_modality(sample.modality).title}), the file of the Classify tab."
         return figures.probability_figure(probs, title), probs, note
 
-    with gr.Blocks(title="M3Bind") as demo:
+    # Uploads (possibly DICOM files with patient identifiers in their headers) leave Gradio's cache
+    # after an hour; the library keeps only names, hashes and thumbnails.
+    with gr.Blocks(title="M3Bind", delete_cache=(600, 3600)) as demo:
         gr.Markdown(_header(ws))
         if "untrained" in model.config.name:
             gr.Markdown("⚠️ **This model is untrained.** Its probabilities and search results are meaningless; "
@@ -296,8 +313,12 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
                         gr.Markdown("**Examples** (from pydicom and scikit-image):")
                         with gr.Row():
                             example_buttons = [(gr.Button(e.title, size="sm"), e.key) for e in EXAMPLES]
-                        modality = gr.Dropdown(modality_choices, value=AUTO, label="Modality",
-                                               info="Detected from the file; change it if the detection is wrong.")
+                        with gr.Row():
+                            modality = gr.Dropdown(modality_choices, value=AUTO, label="Modality", scale=2,
+                                                   info="Detected from the file; change it if the detection is wrong.")
+                            rate = gr.Number(None, label="ECG sampling rate (Hz)", precision=0, minimum=0, scale=1,
+                                             placeholder="e.g. 500", elem_id="rate",
+                                             info="Only for CSV/NPY ECGs that do not state it (0: not given).")
                         with gr.Accordion("DICOM window", open=True, visible=False) as window_box:
                             with gr.Row():
                                 preset = gr.Dropdown(["File default", *WINDOW_PRESETS], value="File default",
@@ -386,18 +407,22 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
                 fewshot_json = gr.JSON(visible=False)
 
         # ---- wiring: every action has a public API name
-        view = [files, modality, centre, width]
-        classified = [status, preview, ecg_plot, prob_plot, prob_json]
+        view = [files, modality, centre, width, rate]
+        classified = [status, prob_plot, prob_json]
+        shown = [status, preview, ecg_plot]
         opened = [status, preview, ecg_plot, modality, labels, window_box, centre, width, file_window, prob_plot,
                   prob_json]
-        files.change(open_file, [files, labels], opened, api_name="open_file")
-        classify_button.click(classify, [files, modality, labels, centre, width], classified, api_name="classify")
-        labels.submit(classify, [files, modality, labels, centre, width], classified, api_name=False)
-        modality.input(change_modality, [files, modality, labels], labels, api_name="default_findings").success(
-            classify, [files, modality, labels, centre, width], classified, api_name=False)
+        files.change(open_file, [files, labels, rate], opened, api_name="open_file")
+        rate.submit(open_file, [files, labels, rate], opened, api_name=False)
+        classify_inputs = [files, modality, labels, centre, width, rate]
+        classify_button.click(classify, classify_inputs, classified, api_name="classify")
+        labels.submit(classify, classify_inputs, classified, api_name=False)
+        modality.input(change_modality, [files, modality, labels, rate], labels, api_name="default_findings").success(
+            classify, classify_inputs, classified, api_name=False)
         preset.input(window_preset, [preset, file_window], [centre, width], api_name=False).success(
-            classify, [files, modality, labels, centre, width], classified, api_name=False)
-        apply_window.click(classify, [files, modality, labels, centre, width], classified, api_name=False)
+            show, view, shown, api_name=False).success(classify, classify_inputs, classified, api_name=False)
+        apply_window.click(show, view, shown, api_name="show").success(
+            classify, classify_inputs, classified, api_name=False)
         for button, key in example_buttons:
             button.click(example(key), None, files, api_name=f"example_{key}")
 
@@ -417,7 +442,8 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
                          concurrency_id="heavy", concurrency_limit=1)
         color_by.input(draw_map, [color_by, prompts, place_query, *view], [map_plot, map_note], api_name=False,
                        concurrency_id="heavy", concurrency_limit=1)
-        fewshot_button.click(fewshot, [*view, method, use_library, *class_inputs], [fewshot_plot, fewshot_json, fewshot_note],
+        fewshot_button.click(fewshot, [*view, method, use_library, *class_inputs],
+                             [fewshot_plot, fewshot_json, fewshot_note],
                              api_name="fewshot")
     demo.queue(default_concurrency_limit=2)
     demo.m3bind_workspace = ws  # for tests and benchmarks: the app's own state
@@ -428,14 +454,32 @@ def launch_options(workspace: Workspace) -> dict[str, Any]:
     """Where and how to serve: localhost unless told otherwise (a Space listens on all interfaces)."""
     host = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     return dict(server_name=host, server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-                max_file_size=MAX_UPLOAD, allowed_paths=[str(workspace.examples_dir)], show_error=False,
+                max_threads=MAX_THREADS, max_file_size=MAX_UPLOAD, allowed_paths=[str(workspace.examples_dir)],
+                show_error=False,
                 footer_links=["api"], css=CSS,
                 theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],  # no web-font requests
                                      font_mono=["ui-monospace", "monospace"]))
 
 
+def serving_threads() -> int:
+    """Torch threads per request: a quarter of the cores, at least one.
+
+    Requests run side by side (two per action), and small CPUs are often shared: when the threads of
+    concurrent computations outnumber the cores, every small matrix product waits at a thread barrier.
+    Measured on a busy 2-core machine: classify 130 ms with one thread, over 2 s with two.
+    ``OMP_NUM_THREADS``, when set, wins.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // 4)
+
+
 def main() -> None:
+    import torch
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(serving_threads())
     demo = build_app()
     demo.launch(**launch_options(demo.m3bind_workspace))
 

@@ -32,13 +32,15 @@ EXAMPLES: tuple[Example, ...] = (
             "pydicom test file CT_small.dcm: a 128x128 CT slice"),
     Example("mri", "mri", "MRI slice (DICOM)", "MR_small.dcm", "pydicom", "MR_small.dcm",
             "pydicom test file MR_small.dcm: a 64x64 MR slice"),
-    Example("ultrasound", "ultrasound", "Ultrasound (DICOM, JPEG 2000)", "examples_jpeg2k.dcm", "pydicom", "examples_jpeg2k.dcm",
+    Example("ultrasound", "ultrasound", "Ultrasound (DICOM, JPEG 2000)", "examples_jpeg2k.dcm", "pydicom",
+            "examples_jpeg2k.dcm",
             "pydicom test file examples_jpeg2k.dcm: an ultrasound frame"),
     Example("ecg", "ecg", "12-lead ECG (DICOM waveform)", "waveform_ecg.dcm", "pydicom", "waveform_ecg.dcm",
             "pydicom test file waveform_ecg.dcm: a 10 s 12-lead ECG"),
     Example("retina", "retina", "Retina fundus photo (PNG)", "retina.png", "skimage", "retina",
             "scikit-image data.retina(): a fundus photograph"),
-    Example("pathology", "pathology", "IHC pathology tile (PNG)", "immunohistochemistry.png", "skimage", "immunohistochemistry",
+    Example("pathology", "pathology", "IHC pathology tile (PNG)", "immunohistochemistry.png", "skimage",
+            "immunohistochemistry",
             "scikit-image data.immunohistochemistry(): IHC-stained colon tissue"),
 )
 

@@ -84,7 +84,8 @@ def probability_figure(probabilities: dict[str, float], title: str = "") -> go.F
                            hovertemplate="%{y}: %{x:.1f} %<extra></extra>"))
     fig.update_layout(template=_TEMPLATE, title=dict(text=title, x=0.01), height=110 + 36 * len(labels),
                       margin=dict(l=10, r=60, t=50 if title else 10, b=30), plot_bgcolor="white",
-                      xaxis=dict(range=[0, 112], title="probability (%)", gridcolor="#eeeeee", tickvals=[0, 25, 50, 75, 100]),
+                      xaxis=dict(range=[0, 112], title="probability (%)", gridcolor="#eeeeee",
+                                 tickvals=[0, 25, 50, 75, 100]),
                       yaxis=dict(automargin=True))
     return fig
 
@@ -109,16 +110,20 @@ def map_figure(library_map: LibraryMap, color_by: str = "modality", query: np.nd
         pxy = np.stack([p for _, p in prompts])
         fig.add_trace(go.Scatter(x=pxy[:, 0], y=pxy[:, 1], mode="markers+text", name="text prompts",
                                  text=[t for t, _ in prompts], textposition="top center", cliponaxis=False,
-                                 marker=dict(symbol="diamond", size=13, color="#111111", line=dict(color="white", width=1)),
+                                 marker=dict(symbol="diamond", size=13, color="#111111",
+                                             line=dict(color="white", width=1)),
                                  hovertext=[f"prompt: {t}" for t, _ in prompts], hoverinfo="text"))
     if query is not None:
         fig.add_trace(go.Scatter(x=[query[0]], y=[query[1]], mode="markers+text", name=query_name,
                                  text=[query_name], textposition="bottom center", cliponaxis=False,
-                                 marker=dict(symbol="star", size=20, color="#d62728", line=dict(color="black", width=1)),
+                                 marker=dict(symbol="star", size=20, color="#d62728",
+                                             line=dict(color="black", width=1)),
                                  hovertext=[query_name], hoverinfo="text"))
     fig.update_layout(template=_TEMPLATE, colorway=_COLORWAY, title=dict(text=library_map.note, x=0.01), height=560,
                       plot_bgcolor="white", hovermode="closest",
                       margin=dict(l=10, r=10, t=50, b=10), legend=dict(itemsizing="constant"),
-                      xaxis=dict(showticklabels=False, zeroline=False, gridcolor="#f0f0f0", title=library_map.method + " 1"),
-                      yaxis=dict(showticklabels=False, zeroline=False, gridcolor="#f0f0f0", title=library_map.method + " 2"))
+                      xaxis=dict(showticklabels=False, zeroline=False, gridcolor="#f0f0f0",
+                                 title=f"{library_map.method} 1"),
+                      yaxis=dict(showticklabels=False, zeroline=False, gridcolor="#f0f0f0",
+                                 title=f"{library_map.method} 2"))
     return fig

@@ -28,6 +28,7 @@ from .weights import resolve_model_dir
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
+LABEL_CACHE_SIZE = 256
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "m3bind-default"
 
 
@@ -46,6 +47,7 @@ class M3BindModel(nn.Module):
         self.towers = nn.ModuleDict(towers if towers is not None else
                                     {name: build_tower(cfg, config.dim) for name, cfg in config.towers.items()})
         self._fingerprint: str | None = None
+        self._label_cache: dict[tuple[tuple[str, ...], str], np.ndarray] = {}  # emptied whenever weights change
         self.eval()
 
     # ----- identity -------------------------------------------------------------------------------
@@ -120,11 +122,18 @@ class M3BindModel(nn.Module):
         return np.concatenate(chunks)
 
     def label_embeddings(self, labels: Sequence[str], modality: str) -> np.ndarray:
-        """One unit vector per label: the mean of its prompt ensemble."""
-        prompts = [get_modality(modality).prompts(label) for label in labels]
-        flat = self.embed_text([p for group in prompts for p in group])
-        per_label = flat.reshape(len(labels), -1, self.dim).mean(1)
-        return per_label / np.linalg.norm(per_label, axis=1, keepdims=True)
+        """One unit vector per label: the mean of its prompt ensemble (cached: the app asks again and again)."""
+        key = (tuple(labels), get_modality(modality).name)
+        cached = self._label_cache.get(key)
+        if cached is None:
+            prompts = [get_modality(modality).prompts(label) for label in labels]
+            flat = self.embed_text([p for group in prompts for p in group])
+            per_label = flat.reshape(len(labels), -1, self.dim).mean(1)
+            cached = per_label / np.linalg.norm(per_label, axis=1, keepdims=True)
+            if len(self._label_cache) >= LABEL_CACHE_SIZE:
+                self._label_cache.pop(next(iter(self._label_cache)))
+            self._label_cache[key] = cached
+        return cached.copy()
 
     def classify(self, sample: Sample, labels: Sequence[str]) -> dict[str, float]:
         """Zero-shot probabilities over the candidate findings (softmax at the calibrated temperature)."""
@@ -154,7 +163,13 @@ class M3BindModel(nn.Module):
                 if tensor.is_floating_point() and not (key in base and torch.equal(base[key], tensor.cpu())):
                     tensor.copy_(tensor.to(dtype))
         self._fingerprint = None
+        self._label_cache.clear()
         return self
+
+    def train(self, mode: bool = True) -> "M3BindModel":
+        """Switching modes marks the start or end of training: cached label embeddings may be stale."""
+        self._label_cache.clear()
+        return super().train(mode)
 
     def save_pretrained(self, directory: str | Path, card: str | None = None,
                         dtype: torch.dtype | None = None) -> Path:

@@ -33,7 +33,9 @@ from .readers import load_input
 from .sample import Sample
 
 Progress = Callable[[float, str], None]
-_CACHE_ITEMS = 32  # decoded uploads kept, so classify/search/explore of one upload decode it once
+# Decoded uploads are kept, so classify/search/explore of one upload decode it once; a 1400 px photo
+# decodes to ~24 MB, so the cache is bounded by bytes, not by count.
+_CACHE_BYTES = 192 * 2**20
 _ADD_BATCH = 32  # inputs decoded at a time when adding many files to the library
 
 
@@ -180,7 +182,7 @@ class Workspace:
                             sampling_rate=options.sampling_rate)
         with self._cache_lock:
             self._cache[key] = (sample, None)
-            while len(self._cache) > _CACHE_ITEMS:
+            while len(self._cache) > 1 and sum(_nbytes(s) for s, _ in self._cache.values()) > _CACHE_BYTES:
                 self._cache.popitem(last=False)
         return sample, None
 
@@ -236,7 +238,8 @@ class Workspace:
 
     # ----------------------------------------------------------------------------------- few-shot
     def fewshot(self, query: Any, classes: dict[str, Sequence[Any]], method: str = "prototype",
-                options: ReadOptions = ReadOptions(), use_library: bool = False, progress: Progress | None = None) -> dict[str, float]:
+                options: ReadOptions = ReadOptions(), use_library: bool = False,
+                progress: Progress | None = None) -> dict[str, float]:
         """Probabilities of the query over classes learnt from a few examples each.
 
         ``classes`` maps a class name to its uploaded example files (a WFDB record's files form one example);
@@ -275,6 +278,10 @@ class Workspace:
         clf.fit(np.stack(vectors), labels)
         probs = clf.predict_proba(self.embed(query, options)[None])[0]
         return {c: float(p) for c, p in zip(clf.classes_, probs)}
+
+
+def _nbytes(sample: Sample) -> int:
+    return int(np.asarray(sample.data).nbytes + np.asarray(sample.preview).nbytes)
 
 
 def _as_list(files: Any) -> list:

@@ -82,14 +82,14 @@ def probabilities(result) -> dict[str, float]:
 
 def test_every_action_is_a_named_endpoint(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/open_file", "/classify", "/default_findings", "/search_text", "/search_similar", "/add_to_library",
-            "/reset_library", "/library_stats", "/explore", "/fewshot"} <= names
+    assert {"/open_file", "/classify", "/show", "/default_findings", "/search_text", "/search_similar",
+            "/add_to_library", "/reset_library", "/library_stats", "/explore", "/fewshot"} <= names
     assert {f"/example_{e.key}" for e in m3bind.examples.EXAMPLES} <= names
 
 
 def test_open_dicom_shows_modality_window_and_default_findings(client):
     status, preview, ecg, modality, findings, centre, width, plot, probs = client.predict(
-        [handle_file(CT)], "", api_name="/open_file")
+        [handle_file(CT)], "", None, api_name="/open_file")
     assert "**CT** (from the DICOM header)" in status and "window C" in status
     assert preview["visible"] and Path(preview["value"]).suffix == ".png" and not ecg["visible"]
     assert modality == "auto"
@@ -101,11 +101,11 @@ def test_open_dicom_shows_modality_window_and_default_findings(client):
 
 def test_classify_png_with_comma_separated_findings(client):
     retina = client.predict(api_name="/example_retina")[0]
-    result = client.predict([handle_file(retina)], "auto", "no diabetic retinopathy, proliferative diabetic retinopathy",
-                            None, None, api_name="/classify")
+    findings = "no diabetic retinopathy, proliferative diabetic retinopathy"
+    result = client.predict([handle_file(retina)], "auto", findings, None, None, None, api_name="/classify")
     assert "Retina fundus" in result[0] and "PNG" in result[0]
     assert set(probabilities(result)) == {"no diabetic retinopathy", "proliferative diabetic retinopathy"}
-    bars = json.loads(result[3]["plot"])["data"][0]
+    bars = json.loads(result[1]["plot"])["data"][0]
     assert bars["x"] == sorted(bars["x"])  # most probable drawn last, i.e. on top
 
 
@@ -114,19 +114,23 @@ def test_classify_wfdb_pair_draws_twelve_leads(client):
         pytest.skip("PTB-XL records not found")
     header = sorted(PTBXL.glob("*.hea"))[0]
     record = [handle_file(header), handle_file(header.with_suffix(".dat"))]
-    status, preview, ecg, plot, probs = client.predict(record, "auto", "normal ECG\nmyocardial infarction", None, None,
-                                                       api_name="/classify")
+    status, plot, probs = client.predict(record, "auto", "normal ECG\nmyocardial infarction", None, None, None,
+                                         api_name="/classify")
     assert "12-lead ECG" in status and "all 12 leads" in status
+    assert set(probs) == {"normal ECG", "myocardial infarction"}
+    status, preview, ecg = client.predict(record, "auto", None, None, None, api_name="/show")
     traces = json.loads(ecg["value"]["plot"])["data"]
     assert {t["name"] for t in traces} >= {"I", "aVR", "V6", "II (rhythm)"}
     assert ecg["visible"] and not preview["visible"]
-    assert set(probs) == {"normal ECG", "myocardial infarction"}
 
 
 def test_window_and_modality_override(client):
-    windowed = client.predict([handle_file(CT)], "auto", "normal CT\ntumor", 40, 400, api_name="/classify")
+    windowed = client.predict([handle_file(CT)], "auto", "normal CT\ntumor", 40, 400, None, api_name="/classify")
     assert "window C 40 / W 400 (user)" in windowed[0]
-    overridden = client.predict([handle_file(CT)], "xray", "pneumonia\nnormal", None, None, api_name="/classify")
+    status, preview, _ = client.predict([handle_file(CT)], "auto", 40, 400, None, api_name="/show")
+    default = client.predict([handle_file(CT)], "auto", None, None, None, api_name="/show")[1]
+    assert "(user)" in status and Path(preview["value"]).read_bytes() != Path(default["value"]).read_bytes()
+    overridden = client.predict([handle_file(CT)], "xray", "pneumonia\nnormal", None, None, None, api_name="/classify")
     assert "Chest X-ray" in overridden[0] and "chosen by you" in overridden[0]
 
 
@@ -136,26 +140,28 @@ def test_window_and_modality_override(client):
 ])
 def test_refusals_are_readable(client, modality, findings, message):
     with pytest.raises(AppError, match=message):
-        client.predict([handle_file(CT)], modality, findings, None, None, api_name="/classify")
+        client.predict([handle_file(CT)], modality, findings, None, None, None, api_name="/classify")
 
 
 def test_random_bytes_are_refused_and_the_app_keeps_serving(client, tmp_path):
     junk = tmp_path / "scan.dcm"
     junk.write_bytes(np.random.default_rng(0).bytes(4096))
-    opened = client.predict([handle_file(junk)], "", api_name="/open_file")
+    opened = client.predict([handle_file(junk)], "", None, api_name="/open_file")
     assert opened[0].startswith("❌ **Cannot read this file.**") and "Traceback" not in opened[0]
     with pytest.raises(AppError, match="DICOM") as refused:
-        client.predict([handle_file(junk)], "auto", "a\nb", None, None, api_name="/classify")
+        client.predict([handle_file(junk)], "auto", "a\nb", None, None, None, api_name="/classify")
     assert "Traceback" not in str(refused.value)
     with pytest.raises(AppError, match="Upload a file first"):
-        client.predict([], "auto", "a\nb", None, None, api_name="/classify")
-    assert "CT" in client.predict([handle_file(CT)], "auto", "normal CT\ntumor", None, None, api_name="/classify")[0]
+        client.predict([], "auto", "a\nb", None, None, None, api_name="/classify")
+    still = client.predict([handle_file(CT)], "auto", "normal CT\ntumor", None, None, None, api_name="/classify")
+    assert "CT" in still[0]
 
 
 def test_server_paths_and_oversized_uploads_are_refused(served, client, tmp_path):
     _, url = served
     assert httpx.get(f"{url}gradio_api/file=/etc/passwd").status_code in (403, 404)
-    payload = {"data": [[{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}], "auto", "a\nb", None, None]}
+    server_file = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}
+    payload = {"data": [[server_file], "auto", "a\nb", None, None, None]}
     event = httpx.post(f"{url}gradio_api/call/classify", json=payload).json()["event_id"]
     stream = httpx.get(f"{url}gradio_api/call/classify/{event}", timeout=60).text
     assert "event: error" in stream and "root:" not in stream
@@ -167,13 +173,27 @@ def test_server_paths_and_oversized_uploads_are_refused(served, client, tmp_path
     assert response.status_code == 413
 
 
+def test_ecg_array_without_a_sampling_rate_asks_for_it(client, tmp_path):
+    if not PTBXL.is_dir():
+        pytest.skip("PTB-XL records not found")
+    import wfdb
+
+    signal, _ = wfdb.rdsamp(str(sorted(PTBXL.glob("*.hea"))[0].with_suffix("")))
+    array = tmp_path / "ecg_8s.npy"
+    np.save(array, signal[:800].astype(np.float32))  # 8 s at 100 Hz: the length alone does not tell the rate
+    opened = client.predict([handle_file(array)], "", None, api_name="/open_file")
+    assert "sampling rate" in opened[0]
+    opened = client.predict([handle_file(array)], "", 100, api_name="/open_file")
+    assert "12-lead ECG" in opened[0] and opened[4].splitlines() == list(m3bind.get_modality("ecg").default_labels)
+
+
 def test_default_findings_follow_the_modality_unless_typed(client):
     ct_defaults = "\n".join(m3bind.get_modality("ct").default_labels)
-    assert client.predict([handle_file(CT)], "retina", ct_defaults, api_name="/default_findings").splitlines() == \
-        list(m3bind.get_modality("retina").default_labels)
-    assert client.predict([handle_file(CT)], "retina", "my own\nfindings", api_name="/default_findings") == \
+    retina = client.predict([handle_file(CT)], "retina", ct_defaults, None, api_name="/default_findings")
+    assert retina.splitlines() == list(m3bind.get_modality("retina").default_labels)
+    assert client.predict([handle_file(CT)], "retina", "my own\nfindings", None, api_name="/default_findings") == \
         "my own\nfindings"
-    assert client.predict([handle_file(CT)], "auto", "", api_name="/default_findings") == ct_defaults
+    assert client.predict([handle_file(CT)], "auto", "", None, api_name="/default_findings") == ct_defaults
 
 
 def test_examples_are_one_click_away(client):
@@ -195,12 +215,13 @@ def test_text_search_spans_every_modality_and_filters(client):
 
 
 def test_similar_items_come_from_other_modalities(client):
-    gallery, note = client.predict([handle_file(ECG_DCM)], "auto", None, None, 10, True, api_name="/search_similar")
+    gallery, note = client.predict([handle_file(ECG_DCM)], "auto", None, None, None, 10, True,
+                                   api_name="/search_similar")
     captions = [item["caption"] for item in gallery]
     assert captions and not any(c.startswith("12-lead ECG") for c in captions)
     scores = [float(c.split(" · ")[1]) for c in captions]
     assert scores == sorted(scores, reverse=True) and "other modalities than 12-lead ECG" in note
-    same, _ = client.predict([handle_file(ECG_DCM)], "auto", None, None, 1, False, api_name="/search_similar")
+    same, _ = client.predict([handle_file(ECG_DCM)], "auto", None, None, None, 1, False, api_name="/search_similar")
     assert same[0]["caption"].startswith("12-lead ECG") and float(same[0]["caption"].split(" · ")[1]) > 0.99
 
 
@@ -231,29 +252,29 @@ def test_library_add_explore_fewshot_reset(client, ws, tiles, dicom_with_identif
     # explore: 20 items, so UMAP; the query and prompts are placed, the map is not refitted
     started = time.perf_counter()
     plot, note = client.predict("label", "adenocarcinoma\nnormal ECG", True, [handle_file(tiles["lung_aca"][0])],
-                                "auto", None, None, api_name="/explore")
+                                "auto", None, None, None, api_name="/explore")
     figure = json.loads(plot["plot"])
     traces = {t["name"]: t for t in figure["data"]}
     assert figure["layout"]["title"]["text"].startswith("UMAP of 20 items") and note.startswith("UMAP map")
     assert "lung_aca (5)" in traces and "text prompts" in traces and "your upload (Pathology (H&E))" in traces
     first_map = ws.library_map()
-    plot2, _ = client.predict("modality", "", False, None, "auto", None, None, api_name="/explore")
+    plot2, _ = client.predict("modality", "", False, None, "auto", None, None, None, api_name="/explore")
     assert ws.library_map() is first_map and "text prompts" not in plot2["plot"]
     print(f"explore with UMAP took {time.perf_counter() - started:.1f} s")
 
     # few-shot from uploads, and from library labels
     query = [handle_file(tiles["lung_scc"][-1])]
-    plot, probs, note = client.predict(query, "auto", None, None, "prototype", False,
+    plot, probs, note = client.predict(query, "auto", None, None, None, "prototype", False,
                                  "adenocarcinoma", [handle_file(p) for p in tiles["lung_aca"][:2]],
                                  "benign", [handle_file(p) for p in tiles["lung_n"][:2]], "", [],
                                  api_name="/fewshot")
     assert set(probs) == {"adenocarcinoma", "benign"} and abs(sum(probs.values()) - 1) < 1e-4
     assert tiles["lung_scc"][-1].name in note
-    _, probs, _ = client.predict(query, "auto", None, None, "probe", True, "lung_aca", [], "lung_n", [], "", [],
+    _, probs, _ = client.predict(query, "auto", None, None, None, "probe", True, "lung_aca", [], "lung_n", [], "", [],
                               api_name="/fewshot")
     assert set(probs) == {"lung_aca", "lung_n"}
     with pytest.raises(AppError, match="at least two classes"):
-        client.predict(query, "auto", None, None, "prototype", False, "only", [handle_file(tiles["lung_n"][0])],
+        client.predict(query, "auto", None, None, None, "prototype", False, "only", [handle_file(tiles["lung_n"][0])],
                        "", [], "", [], api_name="/fewshot")
 
     status, summary = client.predict(api_name="/reset_library")

@@ -31,10 +31,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
+def model():
+    return m3bind.load_model()
+
+
+@pytest.fixture(scope="module")
+def url(model, tmp_path_factory):
     import app
 
-    demo = app.build_app(m3bind.load_model(), tmp_path_factory.mktemp("m3bind-home"))
+    demo = app.build_app(model, tmp_path_factory.mktemp("m3bind-home"))
     port = free_port()
     demo.launch(**{**app.launch_options(demo.m3bind_workspace), "server_port": port, "prevent_thread_lock": True,
                    "quiet": True})
@@ -69,10 +74,11 @@ def screenshot(page, name: str, focus=None) -> None:
     assert (DOCS_SHOTS / f"{name}.png").stat().st_size < 300_000
 
 
-def test_classify_a_dicom_and_an_ecg(page):
+def test_classify_a_dicom_and_an_ecg(page, model):
     from playwright.sync_api import expect
 
-    expect(page.locator("#untrained-warning")).to_contain_text("untrained")
+    expect(page.get_by_text(f"Model {model.config.name}")).to_be_visible()
+    expect(page.locator("#untrained-warning")).to_have_count(1 if "untrained" in model.config.name else 0)
     page.locator("#upload input[type=file]").set_input_files(get_testdata_file("CT_small.dcm"))
     expect(page.locator("#status")).to_contain_text("CT (from the DICOM header)", timeout=SLOW)
     expect(page.locator("#findings textarea")).to_have_value("\n".join(m3bind.get_modality("ct").default_labels))
@@ -101,6 +107,8 @@ def test_text_search(page):
     page.locator("#search-button").click()
     expect(page.locator("#results img")).to_have_count(6, timeout=SLOW)
     expect(page.locator("#results")).to_contain_text("12-lead ECG")
+    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth)")
+    page.wait_for_timeout(500)  # the gallery fades its images in
     screenshot(page, "search")
 
 

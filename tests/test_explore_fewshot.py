@@ -59,7 +59,8 @@ def test_small_libraries_get_pca_and_tiny_ones_a_message():
 def test_umap_map_is_cached_per_library_state_and_places_points_without_refitting():
     x, labels = clusters(12)
     library = Library(DIM, "test-model")
-    library.add(x, [{"modality": "pathology", "label": label, "source": f"tile{i}.png"} for i, label in enumerate(labels)])
+    library.add(x, [{"modality": "pathology", "label": label, "source": f"tile{i}.png"}
+                    for i, label in enumerate(labels)])
     cache = MapCache()
     lmap = cache.get(library)
     assert lmap.method == "UMAP" and lmap.coords.shape == (36, 2) and lmap.labels == labels
