@@ -85,7 +85,7 @@ def test_torchrun_trains_the_tiny_pipeline_with_ranks_in_step_and_resumes(tmp_pa
     args = ["--config", str(REPO / "train" / "configs" / "tiny.yaml"), "--data-root", str(shared_data),
             "--run-dir", str(tmp_path / "run")]
     out = _torchrun(*args, "--export-dir", str(tmp_path / "export")).stdout
-    for stage in ("teachers", "aligned teachers", "student"):  # the pipeline compares weight digests of all ranks
+    for stage in ("teachers", "aligned", "student"):  # the pipeline compares weight digests of all ranks
         assert f"{stage}: identical in all {WORLD} processes" in out, out
     assert out.count("model written to") == 1  # rank 0 alone exports
     for stage in ("teachers", "aligned", "student"):

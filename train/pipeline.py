@@ -24,7 +24,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -126,37 +126,35 @@ def run(cfg: PipelineConfig) -> M3BindModel:
                                              cfg.seed, plan.pair_modalities)
         return data
 
-    stage_dir = cfg.run_dir / "teachers"
-    if _stage_done(stage_dir):
-        teachers = _load_stage(stage_dir, names)
-    else:
-        t0 = time.time()  # the teachers' time includes decoding the training data
+    def stage(name: str, models: list[str], train: Callable[[], dict[str, M3BindModel]]) -> dict[str, M3BindModel]:
+        """Load a completed stage, or train and checkpoint it; its recorded time goes into the card.
+
+        A stage's time includes decoding the training data when it is the first to need it.
+        """
+        directory = cfg.run_dir / name
+        if _stage_done(directory):
+            trained = _load_stage(directory, models)
+        else:
+            t0 = time.time()
+            trained = train()
+            _save_stage(trained, directory, time.time() - t0)
+        distributed.check_in_sync(trained, name)
+        timings[name] = _stage_seconds(directory)
+        return trained
+
+    def train_teachers() -> dict[str, M3BindModel]:
         data = training_data()
         for i, m in enumerate(names):
             train_teacher(teachers[m], data[m], cfg.teacher, cfg.seed + i, cfg.modalities[m].trainable_fraction,
                           base_features)
-        _save_stage(teachers, stage_dir, time.time() - t0)
-    distributed.check_in_sync(teachers, "teachers")
-    timings["teachers"] = _stage_seconds(cfg.run_dir / "teachers")
+        return teachers
 
-    stage_dir = cfg.run_dir / "aligned"
-    if _stage_done(stage_dir):
-        aligned = _load_stage(stage_dir, names)
-    else:
-        t0 = time.time()
-        data = training_data()
+    def train_aligned() -> dict[str, M3BindModel]:
         shared = shared_text_corpus(cfg.data_root, max_per_source=max(1, cfg.shared_texts // 5), seed=cfg.seed)
-        aligned = align({m: copy.deepcopy(t) for m, t in teachers.items()}, data, shared, cfg.align, cfg.seed,
-                        base_features)
-        _save_stage(aligned, stage_dir, time.time() - t0)
-    distributed.check_in_sync(aligned, "aligned teachers")
-    timings["align"] = _stage_seconds(cfg.run_dir / "aligned")
+        return align({m: copy.deepcopy(t) for m, t in teachers.items()}, training_data(), shared, cfg.align,
+                     cfg.seed, base_features)
 
-    stage_dir = cfg.run_dir / "student"
-    if _stage_done(stage_dir):
-        student = _load_stage(stage_dir, ["text"])["text"]
-    else:
-        t0 = time.time()
+    def train_student() -> dict[str, M3BindModel]:
         data = training_data()
         rng = np.random.default_rng(cfg.seed)
         texts = {}
@@ -168,9 +166,11 @@ def run(cfg: PipelineConfig) -> M3BindModel:
         student = text_only_model(cfg.text, cfg.dim, f"{cfg.name}-student", cfg.seed).to(device)
         distill(student, aligned, texts, cfg.distill, cfg.seed,
                 base_features if cfg.align.lora_layers == 0 else None)
-        _save_stage({"text": student}, stage_dir, time.time() - t0)
-    distributed.check_in_sync({"text": student}, "student")
-    timings["distill"] = _stage_seconds(cfg.run_dir / "student")
+        return {"text": student}
+
+    teachers = stage("teachers", names, train_teachers)
+    aligned = stage("aligned", names, train_aligned)
+    student = stage("student", ["text"], train_student)["text"]
 
     bound = bind(aligned, student, cfg.name, cfg.modality_towers)
     if cfg.export_dtype:
