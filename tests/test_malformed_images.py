@@ -14,27 +14,20 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.data import get_testdata_file
 import m3bind
+from pydicom_testdata import pydicom_file_bytes, pydicom_file_path
 from m3bind.readers import dicom, ecg, image  # noqa: F401  (imported here, not inside the timed calls)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _dicom_path(name: str) -> str:
-    path = get_testdata_file(name, download=False)
-    assert path is not None, f"pydicom test file {name} is not installed"
-    return path
 
 
-def _dicom_bytes(name: str) -> bytes:
-    with open(_dicom_path(name), "rb") as f:
-        return f.read()
 
 
 def _edited(name: str, edit: Callable[[pydicom.Dataset], None]) -> bytes:
     """A real DICOM file changed in memory and written back to bytes."""
-    ds = pydicom.dcmread(_dicom_path(name))
+    ds = pydicom.dcmread(pydicom_file_path(name))
     edit(ds)
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -107,7 +100,7 @@ def _short_pixel_data(ds: pydicom.Dataset) -> None:
 
 def _declared_rle() -> bytes:
     """CT_small whose file meta claims RLE compression while its pixel data stays native (same UID length)."""
-    data = _dicom_bytes("CT_small.dcm")
+    data = pydicom_file_bytes("CT_small.dcm")
     assert data.count(b"1.2.840.10008.1.2.1\x00") == 1
     return data.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2.5\x00")
 
@@ -140,8 +133,8 @@ CASES: dict[str, tuple[Callable[[Path], tuple[object, dict]], type[m3bind.InputE
     "gif-truncated": (lambda p: (_image("GIF", size=(200, 150))[:300], {}), m3bind.CorruptFileError),
     "bmp-truncated": (lambda p: (_half(_image("BMP")), {}), m3bind.CorruptFileError),
     "webp-truncated": (lambda p: (_half(_image("WEBP")), {}), m3bind.CorruptFileError),
-    "dicom-truncated": (lambda p: (_half(_dicom_bytes("CT_small.dcm")), {}), m3bind.CorruptFileError),
-    "dicom-truncated-jpeg2000": (lambda p: (_dicom_bytes("examples_jpeg2k.dcm")[:-5000], {}),
+    "dicom-truncated": (lambda p: (_half(pydicom_file_bytes("CT_small.dcm")), {}), m3bind.CorruptFileError),
+    "dicom-truncated-jpeg2000": (lambda p: (pydicom_file_bytes("examples_jpeg2k.dcm")[:-5000], {}),
                                  m3bind.CorruptFileError),
     "dicom-preamble-then-garbage": (lambda p: (bytes(128) + b"DICM" + b"\xff" * 300, {}), m3bind.CorruptFileError),
     "dicom-missing-pixel-data": (lambda p: (_edited("CT_small.dcm", _drop_pixel_data), {}),
@@ -160,7 +153,7 @@ CASES: dict[str, tuple[Callable[[Path], tuple[object, dict]], type[m3bind.InputE
     "dicom-unknown-photometric": (lambda p: (_edited("CT_small.dcm", _set(PhotometricInterpretation="HSV")), {}),
                                   m3bind.UnsupportedFormatError),
     "dicom-native-data-declared-rle": (lambda p: (_declared_rle(), {}), m3bind.CorruptFileError),
-    "dicom-broken-jpeg-stream": (lambda p: (_dicom_bytes("JPEG-lossy.dcm"), {}), m3bind.CorruptFileError),
+    "dicom-broken-jpeg-stream": (lambda p: (pydicom_file_bytes("JPEG-lossy.dcm"), {}), m3bind.CorruptFileError),
     "dicom-waveform-data-short": (lambda p: (_edited("waveform_ecg.dcm", _short_waveform), {}),
                                   m3bind.CorruptFileError),
     "nonexistent-path": (lambda p: (p / "missing.png", {}), m3bind.InputError),

@@ -10,13 +10,13 @@ from io import BytesIO
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless
 
 import m3bind
+from pydicom_testdata import pydicom_file_bytes, pydicom_file_path
 from m3bind.readers import DEFAULT_LIMITS, Limits
 from m3bind.readers.dicom import read_dicom
 
@@ -38,19 +38,12 @@ IMAGES = {
 }
 
 
-def _path(name: str) -> str:
-    path = get_testdata_file(name, download=False)
-    assert path is not None, f"pydicom test file {name} is not installed"
-    return path
 
 
-def _bytes(name: str) -> bytes:
-    with open(_path(name), "rb") as f:
-        return f.read()
 
 
 def _dataset(name: str) -> Dataset:
-    return pydicom.dcmread(_path(name), force=True)  # some test files lack the preamble
+    return pydicom.dcmread(pydicom_file_path(name), force=True)  # some test files lack the preamble
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -79,7 +72,7 @@ def _assert_no_identifiers(ds: Dataset, *texts: str) -> None:
 @pytest.mark.parametrize("name", sorted(IMAGES))
 def test_real_dicom_images_load_canonically(name: str) -> None:
     modality, shape, source = IMAGES[name]
-    sample = m3bind.load_input(_path(name))
+    sample = m3bind.load_input(pydicom_file_path(name))
     assert sample.modality == modality
     assert sample.meta["modality_source"] == source
     assert sample.data.shape == shape and sample.data.dtype == np.float32
@@ -98,7 +91,7 @@ def test_no_identifier_reaches_logs_warnings_or_messages(name: str, caplog: pyte
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            outcome = repr(m3bind.load_input(_path(name)))
+            outcome = repr(m3bind.load_input(pydicom_file_path(name)))
         except m3bind.InputError as exc:
             outcome = str(exc)
     texts = [outcome, caplog.text] + [str(w.message) for w in caught]
@@ -114,7 +107,7 @@ def test_identifiers_checked_are_really_present_in_the_sources() -> None:
 
 
 def test_ct_meta_is_technical_and_whitelisted() -> None:
-    sample = m3bind.load_input(_path("CT_small.dcm"))
+    sample = m3bind.load_input(pydicom_file_path("CT_small.dcm"))
     meta = sample.meta
     assert meta["modality_code"] == "CT"
     assert meta["photometric_interpretation"] == "MONOCHROME2"
@@ -137,11 +130,11 @@ def test_ct_meta_is_technical_and_whitelisted() -> None:
 
 
 def test_body_part_examined_is_kept() -> None:
-    assert m3bind.load_input(_path("J2K_pixelrep_mismatch.dcm")).meta["body_part_examined"] == "HEAD"
+    assert m3bind.load_input(pydicom_file_path("J2K_pixelrep_mismatch.dcm")).meta["body_part_examined"] == "HEAD"
 
 
 def test_header_window_is_applied_with_the_linear_function() -> None:
-    sample = m3bind.load_input(_path("MR_small.dcm"))
+    sample = m3bind.load_input(pydicom_file_path("MR_small.dcm"))
     assert sample.meta["window_source"] == "dicom" and sample.meta["window"] == [600.0, 1600.0]
     raw = _dataset("MR_small.dcm").pixel_array.astype(np.float64)
     expected = np.clip((raw - 599.5) / 1599.0 + 0.5, 0, 1)  # PS3.3 C.11.2.1.2.1
@@ -150,7 +143,7 @@ def test_header_window_is_applied_with_the_linear_function() -> None:
 
 
 def test_window_argument_overrides_the_header() -> None:
-    sample = m3bind.load_input(_path("MR_small.dcm"), window=(1000.0, 500.0))
+    sample = m3bind.load_input(pydicom_file_path("MR_small.dcm"), window=(1000.0, 500.0))
     assert sample.meta["window_source"] == "user" and sample.meta["window"] == [1000.0, 500.0]
     raw = _dataset("MR_small.dcm").pixel_array.astype(np.float64)
     np.testing.assert_allclose(sample.data[..., 0], np.clip((raw - 1000.0) / 500.0 + 0.5, 0, 1), atol=1e-6)
@@ -159,14 +152,14 @@ def test_window_argument_overrides_the_header() -> None:
 @pytest.mark.parametrize("window", [(40.0, 0.0), (40.0, -5.0), (float("nan"), 100.0), ("a", "b")])
 def test_invalid_window_is_refused(window) -> None:
     with pytest.raises(m3bind.InputError, match="window"):
-        m3bind.load_input(_path("CT_small.dcm"), window=window)
+        m3bind.load_input(pydicom_file_path("CT_small.dcm"), window=window)
 
 
 def test_monochrome1_is_inverted() -> None:
     ds = _dataset("CT_small.dcm")
     ds.PhotometricInterpretation = "MONOCHROME1"
     inverted = read_dicom(_encode(ds), DEFAULT_LIMITS)
-    normal = read_dicom(_bytes("CT_small.dcm"), DEFAULT_LIMITS)
+    normal = read_dicom(pydicom_file_bytes("CT_small.dcm"), DEFAULT_LIMITS)
     assert inverted.meta["photometric_interpretation"] == "MONOCHROME1"
     assert inverted.meta["window"] == normal.meta["window"]
     np.testing.assert_allclose(inverted.data, 1.0 - normal.data, atol=1e-6)
@@ -201,14 +194,14 @@ def test_multiframe_uses_the_middle_frame(n_frames: int) -> None:
 
 def test_real_multiframe_ybr_jpeg_matches_pydicom_middle_frame() -> None:
     ds = _dataset("examples_ybr_color.dcm")
-    sample = m3bind.load_input(_path("examples_ybr_color.dcm"))
+    sample = m3bind.load_input(pydicom_file_path("examples_ybr_color.dcm"))
     assert sample.meta["frames"] == 30 and sample.meta["frame_used"] == 15
     np.testing.assert_allclose(sample.data, ds.pixel_array[15] / 255.0, atol=1e-6)
 
 
 def test_too_many_frames_is_refused_before_decoding() -> None:
     with pytest.raises(m3bind.InputTooLargeError, match="frames"):
-        read_dicom(_bytes("examples_ybr_color.dcm"), Limits(max_frames=10))
+        read_dicom(pydicom_file_bytes("examples_ybr_color.dcm"), Limits(max_frames=10))
 
 
 def test_enhanced_multiframe_functional_groups() -> None:
@@ -249,8 +242,8 @@ def test_voi_lut_sequence_is_applied() -> None:
                                      "MR_small_jp2klossless.dcm", "MR_small_bigendian.dcm",
                                      "MR_small_implicit.dcm"])
 def test_lossless_encodings_decode_to_the_same_image(variant: str) -> None:
-    reference = m3bind.load_input(_path("MR_small.dcm"))
-    sample = m3bind.load_input(_path(variant))
+    reference = m3bind.load_input(pydicom_file_path("MR_small.dcm"))
+    sample = m3bind.load_input(pydicom_file_path(variant))
     assert sample.modality == "mri"
     np.testing.assert_array_equal(sample.data, reference.data)
 
@@ -260,14 +253,14 @@ def test_pylibjpeg_plugins_are_installed_and_used() -> None:
     assert get_decoder(JPEGLSLossless).available_plugins == ("pylibjpeg",)
     assert get_decoder(JPEGLosslessSV1).available_plugins == ("pylibjpeg",)
     assert "pylibjpeg" in get_decoder(JPEG2000Lossless).available_plugins  # pylibjpeg-openjpeg
-    sample = m3bind.load_input(_path("SC_rgb_jpeg_gdcm.dcm"))  # JPEG lossless, process 14 SV1
+    sample = m3bind.load_input(pydicom_file_path("SC_rgb_jpeg_gdcm.dcm"))  # JPEG lossless, process 14 SV1
     assert sample.meta["transfer_syntax"].startswith("JPEG Lossless")
     np.testing.assert_allclose(sample.data, _dataset("SC_rgb_jpeg_gdcm.dcm").pixel_array / 255.0, atol=1e-6)
 
 
 def test_rgb_and_jpeg2000_colour_match_pydicom() -> None:
     for name in ("examples_rgb_color.dcm", "examples_jpeg2k.dcm"):
-        sample = m3bind.load_input(_path(name))
+        sample = m3bind.load_input(pydicom_file_path(name))
         np.testing.assert_allclose(sample.data, _dataset(name).pixel_array / 255.0, atol=1e-6)
 
 
@@ -278,14 +271,14 @@ def test_rgb_and_jpeg2000_colour_match_pydicom() -> None:
 ])
 def test_colour_encodings_become_rgb_scaled_by_bits_stored(name: str) -> None:
     ds = _dataset(name)
-    sample = m3bind.load_input(_path(name))
+    sample = m3bind.load_input(pydicom_file_path(name))
     frames = int(ds.get("NumberOfFrames") or 1)
     expected = ds.pixel_array[frames // 2] if frames > 1 else ds.pixel_array
     np.testing.assert_allclose(sample.data, expected / float(2 ** ds.BitsStored - 1), atol=1e-6)
 
 
 def test_palette_colour_becomes_rgb() -> None:
-    sample = m3bind.load_input(_path("examples_palette.dcm"))
+    sample = m3bind.load_input(pydicom_file_path("examples_palette.dcm"))
     assert sample.meta["photometric_interpretation"] == "PALETTE COLOR"
     chroma = sample.data.max(axis=2) - sample.data.min(axis=2)
     assert chroma.max() > 0.3  # the palette produced real colour
@@ -293,27 +286,27 @@ def test_palette_colour_becomes_rgb() -> None:
 
 
 def test_unknown_modality_code_falls_back_to_a_pixel_guess() -> None:
-    nm = m3bind.load_input(_path("JPGExtended.dcm"))  # NM, 12-bit JPEG extended
+    nm = m3bind.load_input(pydicom_file_path("JPGExtended.dcm"))  # NM, 12-bit JPEG extended
     assert nm.meta["modality_code"] == "NM"
     assert nm.meta["modality_source"] == "guess" and nm.modality == "xray"
-    colour = m3bind.load_input(_path("SC_rgb_rle.dcm"))  # OT secondary capture in colour
+    colour = m3bind.load_input(pydicom_file_path("SC_rgb_rle.dcm"))  # OT secondary capture in colour
     assert colour.meta["modality_source"] == "guess" and colour.modality in ("retina", "pathology")
 
 
 def test_caller_can_override_the_modality() -> None:
-    sample = m3bind.load_input(_path("CT_small.dcm"), modality="xray")
+    sample = m3bind.load_input(pydicom_file_path("CT_small.dcm"), modality="xray")
     assert sample.modality == "xray" and sample.meta["detected_modality"] == "ct"
 
 
 def test_dicom_without_preamble_is_read_and_verified() -> None:
-    data = _bytes("CT_small.dcm")[132:]  # drop preamble and 'DICM': starts with the file meta group
+    data = pydicom_file_bytes("CT_small.dcm")[132:]  # drop preamble and 'DICM': starts with the file meta group
     sample = m3bind.load_input(data, name="scan.dcm")
-    np.testing.assert_array_equal(sample.data, m3bind.load_input(_path("CT_small.dcm")).data)
+    np.testing.assert_array_equal(sample.data, m3bind.load_input(pydicom_file_path("CT_small.dcm")).data)
 
 
 def test_dicom_named_png_is_still_dicom(tmp_path) -> None:
     path = tmp_path / "looks_like.png"
-    path.write_bytes(_bytes("MR_small.dcm"))
+    path.write_bytes(pydicom_file_bytes("MR_small.dcm"))
     assert m3bind.load_input(path).modality == "mri"
 
 
@@ -326,14 +319,14 @@ def test_dicom_named_png_is_still_dicom(tmp_path) -> None:
 ])
 def test_non_image_objects_are_refused_by_name(name: str, what: str) -> None:
     with pytest.raises(m3bind.UnsupportedFormatError) as info:
-        m3bind.load_input(_path(name))
+        m3bind.load_input(pydicom_file_path(name))
     message = str(info.value)
     assert what in message and "not an image" in message
     _assert_no_identifiers(_dataset(name), message)
 
 
 def test_ecg_waveform_becomes_an_ecg_sample() -> None:
-    sample = m3bind.load_input(_path("waveform_ecg.dcm"))
+    sample = m3bind.load_input(pydicom_file_path("waveform_ecg.dcm"))
     assert sample.modality == "ecg" and sample.kind == "ecg"
     assert sample.data.shape == (12, 1000) and sample.data.dtype == np.float32
     assert all(sample.meta["lead_mask"])
@@ -345,7 +338,7 @@ def test_ecg_waveform_becomes_an_ecg_sample() -> None:
 
 
 def test_ecg_channel_units_are_honoured() -> None:
-    reference = m3bind.load_input(_path("waveform_ecg.dcm"))
+    reference = m3bind.load_input(pydicom_file_path("waveform_ecg.dcm"))
     ds = _dataset("waveform_ecg.dcm")
     for group in ds.WaveformSequence:
         for channel in group.ChannelDefinitionSequence:
@@ -366,4 +359,4 @@ def test_waveform_without_voltage_channels_is_refused() -> None:
 
 def test_waveform_longer_than_the_limit_is_refused() -> None:
     with pytest.raises(m3bind.InputTooLargeError):
-        read_dicom(_bytes("waveform_ecg.dcm"), Limits(max_ecg_samples=5000))
+        read_dicom(pydicom_file_bytes("waveform_ecg.dcm"), Limits(max_ecg_samples=5000))
