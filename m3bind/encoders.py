@@ -83,8 +83,24 @@ class ImageTower(nn.Module):
         x = F.pad(x, ((size - nw) // 2, size - nw - (size - nw) // 2, (size - nh) // 2, size - nh - (size - nh) // 2))
         return x.expand(3, -1, -1) if x.shape[0] == 1 else x
 
+    def body(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Features below the output head: a timm trunk's pooled features, or a published tower's output."""
+        x = (pixels - self.mean) / self.std
+        trunk = getattr(self.visual, "trunk", None)
+        return self.visual(x) if trunk is None else trunk(x)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """The part that adapts cheaply (stage 1 may train only this, on cached ``body`` features)."""
+        if hasattr(self.visual, "trunk"):
+            features = self.visual.head(features)
+        return self.proj(features)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        own = list(self.visual.head.parameters()) if hasattr(self.visual, "trunk") else []
+        return own + list(self.proj.parameters())
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.visual((pixels - self.mean) / self.std))
+        return self.head(self.body(pixels))
 
 
 class _ResidualBlock1d(nn.Module):
@@ -125,9 +141,18 @@ class EcgTower(nn.Module):
         mask = torch.tensor(lead_mask, dtype=torch.float32)[:, None].expand_as(x)
         return torch.cat([x * mask, mask])
 
-    def forward(self, signals: torch.Tensor) -> torch.Tensor:
+    def body(self, signals: torch.Tensor) -> torch.Tensor:
         h = self.blocks(signals)
-        return self.proj(torch.cat([h.mean(-1), h.amax(-1)], dim=1))
+        return torch.cat([h.mean(-1), h.amax(-1)], dim=1)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.proj.parameters())
+
+    def forward(self, signals: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(signals))
 
 
 class TextTower(nn.Module):

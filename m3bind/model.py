@@ -46,6 +46,9 @@ class M3BindModel(nn.Module):
         self.text = text if text is not None else TextTower(config.text, config.dim)
         self.towers = nn.ModuleDict(towers if towers is not None else
                                     {name: build_tower(cfg, config.dim) for name, cfg in config.towers.items()})
+        self.centres = nn.Module()  # per tower: the mean embedding of its training data (zero: not fitted)
+        for name in self.towers:
+            self.centres.register_buffer(name, torch.zeros(config.dim))
         self._fingerprint: str | None = None
         self._label_cache: dict[tuple[tuple[str, ...], str], np.ndarray] = {}  # emptied whenever weights change
         self.eval()
@@ -120,6 +123,21 @@ class M3BindModel(nn.Module):
         chunks = [self.encode_text(texts[i:i + batch_size]).float().cpu().numpy()
                   for i in range(0, len(texts), batch_size)]
         return np.concatenate(chunks)
+
+    def centre(self, vectors: np.ndarray, modality: str) -> np.ndarray:
+        """Unit vectors of ``modality`` with its tower's mean embedding taken out: queries for ranking items
+        of *other* modalities. What sets one modality's items apart from another's is a large offset shared
+        by all of them; left in, it ranks another modality's items the same way for every query."""
+        name = self.config.modality_towers.get(get_modality(modality).name)
+        shifted = np.asarray(vectors, dtype=np.float32) - self.centres.get_buffer(name).cpu().numpy()
+        return shifted / np.maximum(np.linalg.norm(shifted, axis=-1, keepdims=True), 1e-12)
+
+    @torch.no_grad()
+    def set_centre(self, modality: str, embeddings: np.ndarray | torch.Tensor) -> None:
+        """Fit the centre of the tower serving ``modality``: the mean of its (unit) training embeddings."""
+        name = self.config.modality_towers.get(get_modality(modality).name)
+        self.centres.get_buffer(name).copy_(torch.as_tensor(np.asarray(embeddings), dtype=torch.float32).mean(0))
+        self._fingerprint = None
 
     def label_embeddings(self, labels: Sequence[str], modality: str) -> np.ndarray:
         """One unit vector per label: the mean of its prompt ensemble (cached: the app asks again and again)."""
@@ -197,7 +215,7 @@ class M3BindModel(nn.Module):
         model = cls(ModelConfig.load(directory / CONFIG_NAME))
         saved = load_file(str(directory / WEIGHTS_NAME))
         missing, unexpected = model.load_state_dict(saved, strict=False)
-        base_keys = {f"text.{k}" for k in model.text.base_keys()}
+        base_keys = {f"text.{k}" for k in model.text.base_keys()} | {f"centres.{name}" for name in model.towers}
         for name, tower in model.towers.items():
             base_keys |= {f"towers.{name}.{k}" for k in tower.base_keys()}
         if unexpected or set(missing) - base_keys:

@@ -90,6 +90,23 @@ def test_half_precision_save_is_lossless_after_rounding(tiny_model, tmp_path):
     assert loaded.fingerprint == model.fingerprint
 
 
+def test_modality_centres_are_fitted_saved_and_take_the_offset_out_of_queries(tiny_model, tmp_path):
+    model = copy.deepcopy(tiny_model)
+    images = model.embed([image_sample() for _ in range(8)])
+    np.testing.assert_allclose(model.centre(images, "xray"), images, atol=1e-6)  # not fitted: unchanged
+    before = model.fingerprint
+    model.set_centre("xray", images)
+    centred = model.centre(images, "xray")
+    np.testing.assert_allclose(np.linalg.norm(centred, axis=1), 1, atol=1e-5)
+    assert np.linalg.norm(centred.mean(0)) < np.linalg.norm(images.mean(0))
+    np.testing.assert_allclose(model.centre(images, "ct"), centred)  # CT is served by the X-ray tower
+    assert model.fingerprint != before
+    model.save_pretrained(tmp_path / "m")
+    loaded = m3bind.load_model(tmp_path / "m", device="cpu")
+    np.testing.assert_array_equal(loaded.centre(images, "xray"), centred)
+    assert loaded.fingerprint == model.fingerprint
+
+
 def test_fine_tuned_base_weights_are_saved(tiny_model, tmp_path):
     model = copy.deepcopy(tiny_model)
     with torch.no_grad():

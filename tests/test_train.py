@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import m3bind
-from train.losses import class_aware_contrastive, distillation, pairwise_alignment, same_class_targets
+from train.captions import STATUS_CAPTIONS
+from train.losses import class_aware_contrastive, distillation, match_matrix, pairwise_alignment, same_class_targets
 from train.pipeline import REPO, PipelineConfig, run
-from train.stages import StageConfig, distill, text_only_model
+from train.stages import ModalityData, StageConfig, distill, text_only_model
 
 
 def unit(x):
@@ -52,6 +53,42 @@ def test_class_aware_contrastive_does_not_punish_same_class_captions():
     assert abs(class_aware_contrastive(image, text, plain, 30.0) - class_aware_contrastive(image, swapped, plain, 30.0)) > 1e-3
     wrong = text[[2, 3, 0, 1]]  # captions of other classes
     assert class_aware_contrastive(image, wrong, keys, 30.0) > class_aware_contrastive(image, text, keys, 30.0) + 1
+
+
+def test_status_captions_are_true_of_every_item_with_that_status():
+    """A caption saying only "abnormal" is a positive for every abnormal item in the batch, whatever its class."""
+    keys = ["pneumonia", "normal", "mild DR", "severe DR"]
+    tags = [("status", False), ("status", True), ("status", False), ("status", False)]
+    text_keys = [("status", False), "normal", "mild DR", ("status", True)]
+    expected = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 1], [1, 0, 1, 0], [1, 0, 0, 0]], dtype=torch.float32)
+    torch.testing.assert_close(match_matrix(keys, text_keys, tags), expected)
+    torch.manual_seed(0)
+    image = unit(torch.randn(4, 16))
+    status = {False: unit(torch.randn(16)), True: unit(torch.randn(16))}
+    right = torch.stack([status[False], status[True], status[False], status[False]])
+    wrong = torch.stack([status[True], status[False], status[True], status[True]])
+    status_keys = [("status", t[1]) for t in tags]
+    assert (class_aware_contrastive(image + 3 * right, right, keys, 10.0, status_keys, tags)
+            < class_aware_contrastive(image + 3 * right, wrong, keys, 10.0, status_keys, tags))
+
+
+def test_batches_mix_in_status_captions_only_for_items_with_a_known_status():
+    data = ModalityData("xray", torch.zeros(6, 3, 4, 4), [("Pneumonia.",)] * 3 + [("Normal chest.",)] * 2 + [("?",)],
+                        [("p", 1)] * 3 + [("p", 0)] * 2 + [("p", -1)], [False, False, False, True, True, None])
+    batches = data.batches(6, np.random.default_rng(0), status_rate=0.5)
+    seen = [b for _ in range(20) for b in [next(batches)]]
+    status_texts = {t: normal for normal, texts in STATUS_CAPTIONS.items() for t in texts}
+    used = 0
+    for batch in seen:
+        for row, text, key, tag in zip(batch.rows, batch.texts, batch.text_keys, batch.tags):
+            if text in status_texts:
+                used += 1
+                assert data.normal[row] is status_texts[text] and key == tag == ("status", data.normal[row])
+            else:
+                assert text in data.captions[row] and key == data.keys[row]
+    assert 20 < used < 100  # about half of the 100 items with a status
+    none = data.batches(6, np.random.default_rng(0))
+    assert not any(t in status_texts for _ in range(5) for t in next(none).texts)
 
 
 def test_distillation_loss():

@@ -65,10 +65,12 @@ def unique(texts: Iterable[str | None]) -> list[str]:
 
 @dataclass(frozen=True)
 class Concept:
-    """A class: ``name`` is shown and used in zero-shot prompts; ``phrases`` add clinical wordings."""
+    """A class: ``name`` is shown and used in zero-shot prompts; ``phrases`` add clinical wordings.
+    ``normal`` marks the classes that mean "nothing abnormal" (the notion shared by every modality)."""
 
     name: str
     phrases: tuple[str, ...] = ()
+    normal: bool = False
 
     @property
     def wordings(self) -> tuple[str, ...]:
@@ -109,7 +111,7 @@ def statement_captions(findings: list[str], modality: str, n_templates: int = 3)
 PNEUMONIAMNIST = (
     Concept("no acute cardiopulmonary abnormality",
             ("normal chest", "clear lungs without focal consolidation", "no evidence of pneumonia",
-             "normal study, no abnormality")),
+             "normal study, no abnormality"), normal=True),
     Concept("pneumonia", ("focal consolidation consistent with pneumonia",
                           "airspace opacity suggestive of pneumonia", "pneumonic infiltrate",
                           "abnormal study: pneumonia")),
@@ -119,11 +121,11 @@ BREASTMNIST = (
                                         "abnormal study: malignant lesion")),
     Concept("normal or benign breast tissue", ("benign breast lesion", "normal breast parenchyma",
                                                "a circumscribed benign-appearing breast mass",
-                                               "normal study, no malignancy")),
+                                               "normal study, no malignancy"), normal=True),
 )
 RETINAMNIST = (
     Concept("no diabetic retinopathy", ("a healthy retina", "no signs of diabetic retinopathy",
-                                        "normal study, no abnormality")),
+                                        "normal study, no abnormality"), normal=True),
     Concept("mild diabetic retinopathy", ("mild nonproliferative diabetic retinopathy", "a few microaneurysms", "abnormal study: diabetic retinopathy")),
     Concept("moderate diabetic retinopathy", ("moderate nonproliferative diabetic retinopathy",
                                               "microaneurysms, dot hemorrhages and hard exudates",
@@ -138,12 +140,13 @@ LC25000 = {
     "lung_aca": Concept("lung adenocarcinoma", ("adenocarcinoma of the lung with malignant gland formation",
                                                 "invasive pulmonary adenocarcinoma", "abnormal study: carcinoma")),
     "lung_n": Concept("benign lung tissue", ("normal lung parenchyma with thin alveolar septa",
-                                             "non-neoplastic lung tissue", "normal study, no malignancy")),
+                                             "non-neoplastic lung tissue", "normal study, no malignancy"),
+                      normal=True),
     "lung_scc": Concept("lung squamous cell carcinoma", ("keratinizing squamous cell carcinoma of the lung",
                                                          "squamous cell carcinoma with keratin pearls",
                                                          "abnormal study: carcinoma")),
     "colon_aca": Concept("colon adenocarcinoma", ("adenocarcinoma of the colon", "malignant colonic glands")),
-    "colon_n": Concept("benign colonic tissue", ("normal colonic mucosa", "non-neoplastic colon tissue")),
+    "colon_n": Concept("benign colonic tissue", ("normal colonic mucosa", "non-neoplastic colon tissue"), normal=True),
 }
 # covid-chestxray-dataset findings (the last segment of hierarchical labels such as "Pneumonia/Viral/COVID-19").
 COVID_FINDINGS = {
@@ -155,16 +158,25 @@ COVID_FINDINGS = {
                                                          "bacterial lobar pneumonia")),
     "ards": Concept("acute respiratory distress syndrome", ("ARDS with diffuse bilateral opacities",)),
     "pneumocystis": Concept("Pneumocystis pneumonia", ("Pneumocystis jirovecii pneumonia",)),
-    "no finding": Concept("no acute cardiopulmonary abnormality", ("normal chest",)),
+    "no finding": Concept("no acute cardiopulmonary abnormality", ("normal chest",), normal=True),
 }
 # PTB-XL diagnostic superclasses, spelled out as in the ECG modality's default findings.
 PTBXL_SUPERCLASSES = {
-    "NORM": Concept("normal ECG", ("normal electrocardiogram", "normal study, no abnormality")),
+    "NORM": Concept("normal ECG", ("normal electrocardiogram", "normal study, no abnormality"), normal=True),
     "MI": Concept("myocardial infarction", ("old or acute myocardial infarction", "infarction pattern", "abnormal ECG")),
     "STTC": Concept("ST/T change", ("ST-T abnormality", "ischemic ST-T changes", "abnormal ECG")),
     "CD": Concept("conduction disturbance", ("bundle branch block or atrioventricular block",
                                              "intraventricular conduction delay", "abnormal ECG")),
     "HYP": Concept("hypertrophy", ("ventricular hypertrophy", "atrial or ventricular enlargement", "abnormal ECG")),
+}
+
+
+# Captions that say only whether a study is normal, worded the same for every modality: stage 1 pairs them
+# with items of every modality, so "abnormal" points the same way in each tower's part of the shared space
+# (what cross-modal image-to-image search relies on).
+STATUS_CAPTIONS: dict[bool, tuple[str, ...]] = {
+    True: ("Normal study.", "Normal findings.", "Unremarkable study, no disease."),
+    False: ("Abnormal study.", "Abnormal findings.", "Disease present, pathological study."),
 }
 
 

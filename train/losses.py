@@ -2,7 +2,7 @@
 
 * ``class_aware_contrastive``: each modality's own image-text loss. Plain InfoNCE would treat another
   caption of the same class in the batch as a negative; the targets here spread each row's probability
-  over every pair that shares the class key.
+  over every pair that shares the class key (or the item's tag, for captions such as "Abnormal study.").
 * ``pairwise_alignment``: stage 1, the sum of pairwise MSEs between the modality text encoders'
   embeddings of one shared text batch (zero when the encoders agree).
 * ``distillation``: stage 2, the student text encoder reproduces a teacher's text embeddings (cosine).
@@ -37,19 +37,38 @@ def gather_keys(keys: Sequence[Hashable]) -> list[Hashable]:
 
 def same_class_targets(keys: Sequence[Hashable], device: torch.device | None = None) -> torch.Tensor:
     """Row-normalised (N, N) matrix: 1 where two items share the class key."""
-    ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
-    codes = torch.tensor([ids[k] for k in keys], device=device)
-    same = (codes[:, None] == codes[None, :]).float()
-    return same / same.sum(1, keepdim=True)
+    matches = match_matrix(keys, keys, None, device)
+    return matches / matches.sum(1, keepdim=True)
+
+
+def match_matrix(keys: Sequence[Hashable], text_keys: Sequence[Hashable], tags: Sequence[Hashable] | None,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """(N, N) 0/1: caption j is true of item i, because its key is the item's class key or the item's tag."""
+    ids = {k: i for i, k in enumerate(dict.fromkeys([*keys, *text_keys, *(tags or ())]))}
+    code = lambda values: torch.tensor([ids[v] for v in values], device=device)  # noqa: E731
+    captions = code(text_keys)[None, :]
+    matches = code(keys)[:, None] == captions
+    if tags is not None:
+        matches |= code(tags)[:, None] == captions
+    return matches.float()
 
 
 def class_aware_contrastive(image: torch.Tensor, text: torch.Tensor, keys: Sequence[Hashable],
-                            logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """Symmetric cross-entropy with soft same-class targets over unit-norm (B, D) embeddings."""
-    image, text, keys = gather_across_ranks(image), gather_across_ranks(text), gather_keys(keys)
+                            logit_scale: torch.Tensor | float, text_keys: Sequence[Hashable] | None = None,
+                            tags: Sequence[Hashable] | None = None) -> torch.Tensor:
+    """Symmetric cross-entropy with soft targets over unit-norm (B, D) embeddings: row i's probability is
+    spread over every caption true of item i (its class's captions, and captions keyed by its ``tags``,
+    e.g. a caption that says only "abnormal"), column j's over every item caption j is true of.
+
+    ``text_keys`` defaults to ``keys`` (each caption keyed by its own item's class)."""
+    image, text = gather_across_ranks(image), gather_across_ranks(text)
+    keys = gather_keys(keys)
+    text_keys = keys if text_keys is None else gather_keys(text_keys)
+    tags = None if tags is None else gather_keys(tags)
     logits = logit_scale * image @ text.T
-    targets = same_class_targets(keys, image.device)
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+    matches = match_matrix(keys, text_keys, tags, image.device)
+    return 0.5 * (F.cross_entropy(logits, matches / matches.sum(1, keepdim=True))
+                  + F.cross_entropy(logits.T, matches.T / matches.T.sum(1, keepdim=True)))
 
 
 def pairwise_alignment(text_embeddings: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -34,7 +34,7 @@ from m3bind import M3BindModel, TextTowerConfig, load_model
 from m3bind.config import EcgTowerConfig, ImageTowerConfig
 
 from . import distributed
-from .captions import modality_texts, shared_text_corpus
+from .captions import STATUS_CAPTIONS, modality_texts, shared_text_corpus
 from .stages import (
     ModalityData, StageConfig, TextFeatures, align, bind, distill, load_modality_data, new_teacher, text_only_model,
     train_teacher,
@@ -159,7 +159,8 @@ def run(cfg: PipelineConfig) -> M3BindModel:
         rng = np.random.default_rng(cfg.seed)
         texts = {}
         for m in names:
-            pool = sorted({t for caps in data[m].captions for t in caps} | set(modality_texts(m, cfg.data_root)))
+            pool = sorted({t for caps in data[m].captions for t in caps} | set(modality_texts(m, cfg.data_root))
+                          | {t for texts in STATUS_CAPTIONS.values() for t in texts})
             if cfg.distill_texts and len(pool) > cfg.distill_texts:
                 pool = [pool[i] for i in sorted(rng.choice(len(pool), cfg.distill_texts, replace=False))]
             texts[m] = pool

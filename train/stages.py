@@ -36,6 +36,7 @@ from m3bind import M3BindModel, ModelConfig, Sample, TextTowerConfig
 from m3bind.config import EcgTowerConfig, ImageTowerConfig
 
 from . import distributed
+from .captions import STATUS_CAPTIONS
 from .data import load_dataset
 from .losses import class_aware_contrastive, distillation, pairwise_alignment
 
@@ -49,18 +50,38 @@ class ModalityData:
     inputs: torch.Tensor  # (N, ...) tower-ready tensors (float16 to halve memory)
     captions: list[tuple[str, ...]]
     keys: list[Hashable]  # class key per item: items sharing a key are positives of each other
+    normal: list[bool | None]  # whether the item is normal (None: unknown), for the shared status captions
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def batches(self, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, list[str], list]]:
-        """Endless shuffled batches with one randomly drawn caption per item."""
+    def batches(self, batch_size: int, rng: np.random.Generator, status_rate: float = 0.0) -> Iterator[Batch]:
+        """Endless shuffled batches with one randomly drawn caption per item; with probability
+        ``status_rate`` an item's caption is instead a ``STATUS_CAPTIONS`` one (keyed by the status)."""
         while True:
             order = rng.permutation(len(self))
             for start in range(0, len(order) - batch_size + 1, batch_size):
                 idx = order[start:start + batch_size]
-                texts = [self.captions[i][rng.integers(len(self.captions[i]))] for i in idx]
-                yield self.inputs[idx].float(), texts, [self.keys[i] for i in idx]
+                keys = [self.keys[i] for i in idx]
+                tags = [("status", self.normal[i]) for i in idx]
+                texts, text_keys = [], []
+                for i, key, tag in zip(idx, keys, tags):
+                    if self.normal[i] is not None and rng.random() < status_rate:
+                        options, key = STATUS_CAPTIONS[self.normal[i]], tag
+                    else:
+                        options = self.captions[i]
+                    texts.append(options[rng.integers(len(options))])
+                    text_keys.append(key)
+                yield Batch(idx, texts, keys, text_keys, tags)
+
+
+@dataclass
+class Batch:
+    rows: np.ndarray  # item indices into the ModalityData
+    texts: list[str]
+    keys: list[Hashable]
+    text_keys: list[Hashable]
+    tags: list[Hashable]
 
 
 def load_modality_data(model: M3BindModel, modality: str, datasets: Sequence[str], split: str,
@@ -68,9 +89,10 @@ def load_modality_data(model: M3BindModel, modality: str, datasets: Sequence[str
                        pair_modalities: Sequence[str] | None = None) -> ModalityData:
     """``pair_modalities`` lets one tower learn from several modalities' pairs (e.g. X-ray and CT)."""
     accepted = set(pair_modalities or [modality])
-    inputs, captions, keys = [], [], []
+    inputs, captions, keys, normal = [], [], [], []
     for name in datasets:
         ds = load_dataset(name, split, data_root=data_root, seed=seed)
+        normal_classes = {i for i, c in enumerate(ds.concepts) if c.normal}
         pairs = [p for p in ds.pairs if p.modality in accepted]
         if max_items is not None and len(pairs) > max_items:
             keep = np.random.default_rng(seed).choice(len(pairs), max_items, replace=False)
@@ -80,10 +102,12 @@ def load_modality_data(model: M3BindModel, modality: str, datasets: Sequence[str
             sample.modality = modality  # read by this tower, whichever accepted modality it came from
             inputs.append(model.preprocess(sample).half())
             captions.append(pair.texts)
+            classes = set(pair.targets or (pair.label,)) - {-1}
             keys.append((name, pair.targets or (pair.label,)))
+            normal.append(classes <= normal_classes if classes else None)
     if not inputs:
         raise ValueError(f"No {split} pairs of modality {modality!r} in {list(datasets)}.")
-    return ModalityData(modality, torch.stack(inputs), captions, keys)
+    return ModalityData(modality, torch.stack(inputs), captions, keys, normal)
 
 
 def augment(batch: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
@@ -162,9 +186,38 @@ def freeze_text_body(model: M3BindModel) -> None:
 
 
 def freeze_tower_below_head(model: M3BindModel, modality: str) -> None:
-    """Stage 1 keeps a tower's features and adapts only its output head (cheap: no backward through the trunk)."""
-    for name, p in model.tower_for(modality).named_parameters():
-        p.requires_grad_(name.startswith(("visual.head", "proj")))
+    """Stage 1 keeps a tower's features and adapts only its output head (cheap: its input can be cached)."""
+    tower = model.tower_for(modality)
+    head = {id(p) for p in tower.head_parameters()}
+    if not head:
+        raise ValueError(f"The {modality} tower has no separate output head to train alone (timm trunks, "
+                         "published towers and the ECG tower have one); set tower_head_only: false.")
+    for p in tower.parameters():
+        p.requires_grad_(id(p) in head)
+
+
+@torch.no_grad()
+def body_features(model: M3BindModel, data: ModalityData, batch_size: int = 256) -> torch.Tensor:
+    """What a tower's frozen body makes of every training item (no augmentation), computed once."""
+    tower = model.tower_for(data.modality)
+    was_training = tower.training
+    tower.eval()
+    features = torch.cat([tower.body(data.inputs[i:i + batch_size].float().to(model.device))
+                          for i in range(0, len(data), batch_size)])
+    tower.train(was_training)
+    return features
+
+
+@torch.no_grad()
+def fit_centres(model: M3BindModel, data: dict[str, ModalityData], max_items: int = 2000, seed: int = 0) -> None:
+    """Each tower's centre (``M3BindModel.centre``): its mean embedding over (a sample of) its training items."""
+    rng = np.random.default_rng(seed)
+    model.eval()
+    for modality, d in data.items():
+        rows = np.sort(rng.choice(len(d), min(max_items, len(d)), replace=False))
+        inputs = d.inputs[rows]
+        model.set_centre(modality, torch.cat([model.encode(modality, inputs[i:i + 256].float()).cpu()
+                                              for i in range(0, len(inputs), 256)]))
 
 
 def freeze_tower_bottom(model: M3BindModel, modality: str, trainable_fraction: float) -> None:
@@ -191,6 +244,7 @@ class StageConfig:
     align_weight: float = 1.0  # stage 1: weight of the pairwise text alignment loss
     tower_head_only: bool = False  # stage 1: adapt only the towers' output heads
     shared_batch: int = 64  # stage 1: shared texts per step
+    status_captions: float = 0.0  # share of captions replaced by a modality-independent normal/abnormal one
     extra: dict = field(default_factory=dict)
 
 
@@ -235,8 +289,13 @@ class _PairPath(_TextPath):
         super().__init__(model, cache)
         self.modality, self.log_scale = modality, log_scale
 
-    def forward(self, inputs: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image = self.model.encode(self.modality, inputs)
+    def forward(self, inputs: torch.Tensor, texts: Sequence[str],
+                head_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``head_only``: ``inputs`` are cached body features and only the tower's head runs."""
+        if head_only:
+            image = F.normalize(self.model.tower_for(self.modality).head(inputs.to(self.model.device)), dim=-1)
+        else:
+            image = self.model.encode(self.modality, inputs)
         return image, super().forward(texts), self.log_scale.exp().clamp(max=100)
 
 
@@ -254,14 +313,22 @@ class _ModalityRun:
         seed = distributed.rank_seed(seed)
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator().manual_seed(seed)
-        self.batches = data.batches(min(cfg.batch_size, len(data)), self.rng)
+        self.batches = data.batches(min(cfg.batch_size, len(data)), self.rng, cfg.status_captions)
+        # a head-only run never changes the body: its features are computed once, without augmentation
+        self.features = body_features(model, data) if cfg.tower_head_only else None
         self.encoders = distributed.wrap(_PairPath(model, self.cache, data.modality, self.log_scale))
 
     def contrastive_loss(self, shared: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss on the next batch, and the embeddings of ``shared`` texts from the same forward."""
-        inputs, texts, keys = next(self.batches)
-        image, text, scale = self.encoders(augment(inputs, self.kind, self.generator), list(texts) + list(shared))
-        return class_aware_contrastive(image, text[:len(texts)], keys, scale), text[len(texts):]
+        batch = next(self.batches)
+        texts = batch.texts + list(shared)
+        if self.features is not None:
+            image, text, scale = self.encoders(self.features[batch.rows], texts, head_only=True)
+        else:
+            inputs = self.data.inputs[batch.rows].float()
+            image, text, scale = self.encoders(augment(inputs, self.kind, self.generator), texts)
+        loss = class_aware_contrastive(image, text[:len(batch.texts)], batch.keys, scale, batch.text_keys, batch.tags)
+        return loss, text[len(batch.texts):]
 
     def step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -285,6 +352,7 @@ def train_teacher(model: M3BindModel, data: ModalityData, cfg: StageConfig, seed
     for _ in tqdm(range(cfg.steps), desc=f"teacher {data.modality}", disable=not distributed.is_main()):
         run.step(run.contrastive_loss()[0])
     run.finish()
+    fit_centres(model, {data.modality: data}, seed=seed)
     return model
 
 
@@ -305,6 +373,8 @@ def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], share
     progress = tqdm(range(cfg.steps), desc="stage 1 align", disable=not distributed.is_main())
     for _ in progress:
         shared = [shared_texts[i] for i in distributed.shard(rng.choice(len(shared_texts), size, replace=False))]
+        if cfg.status_captions:  # the status captions are what must mean the same in every modality
+            shared += [t for texts in STATUS_CAPTIONS.values() for t in texts]
         if distributed.world_size() > 1:  # DDP: captions and shared texts in one forward per teacher
             own, embedded = zip(*(run.contrastive_loss(shared) for run in runs.values()))
             own = sum(own)
@@ -321,9 +391,10 @@ def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], share
             run.optimizer.step()
             run.scheduler.step()
         progress.set_postfix(contrastive=own.item() / len(runs), align=aligned.item())
-    for run in runs.values():
+    for modality, run in runs.items():
         merge_lora(run.model)
         run.finish()
+        fit_centres(run.model, {modality: data[modality]}, seed=seed)
     return teachers
 
 
@@ -382,7 +453,10 @@ def bind(teachers: dict[str, M3BindModel], student: M3BindModel, name: str,
     config = ModelConfig(name=name, dim=first.config.dim, text=copy.deepcopy(student.config.text),
                          towers=copy.deepcopy(towers), modality_towers={**{m: m for m in towers}, **(extra_modalities or {})},
                          logit_scale=float(np.mean([t.config.logit_scale for t in teachers.values()])))
-    return M3BindModel(config, text=student.text, towers={m: t.towers[m] for m, t in teachers.items()}).eval()
+    bound = M3BindModel(config, text=student.text, towers={m: t.towers[m] for m, t in teachers.items()})
+    for m, t in teachers.items():
+        bound.centres.get_buffer(m).copy_(t.centres.get_buffer(m))
+    return bound.eval()
 
 
 def text_only_model(text: TextTowerConfig, dim: int, name: str, seed: int) -> M3BindModel:
