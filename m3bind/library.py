@@ -283,9 +283,12 @@ class Library:
 
     def search_sample(self, model: Any, sample: Sample, k: int = 10, modality: str | Iterable[str] | None = None,
                       exclude_modality: str | Iterable[str] | None = None, exact: bool = False) -> list[Hit]:
-        """Items closest to a sample; ``exclude_modality=sample.modality`` gives cross-modal search."""
+        """Items closest to a sample; ``exclude_modality=sample.modality`` gives cross-modal search, where the
+        query is centred (``M3BindModel.centre``) because only other modalities' items are ranked."""
         self._check_model(model)
         query = np.asarray(model.embed(sample), dtype=np.float32).reshape(-1)
+        if not _searches(sample.modality, modality, exclude_modality):
+            query = model.centre(query, sample.modality)
         return self.search(query, k, modality, exclude_modality, exact)
 
     def _check_model(self, model: Any) -> None:
@@ -602,6 +605,11 @@ def _faiss_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(previous)
+
+
+def _searches(name: str, modality: Any, exclude: Any) -> bool:
+    """Whether a search with these filters ranks items of modality ``name``."""
+    return (modality is None or name in _names(modality)) and (exclude is None or name not in _names(exclude))
 
 
 def _names(modality: str | Iterable[str]) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import csv
 import importlib.util
 import io
@@ -289,6 +291,16 @@ def test_model_helpers_embed_thumbnail_and_refuse_other_models(tiny_model, share
     assert self_hit.id == ids[0] and self_hit.score == pytest.approx(1.0, abs=1e-4)
     cross = lib.search_sample(tiny_model, samples[0], k=10, exclude_modality="xray")
     assert [h.modality for h in cross] == ["ecg"] * 3
+    # cross-modal: the query is centred by its modality's centre (here fitted on these X-rays)
+    centred_model = copy.deepcopy(tiny_model)
+    centred_model.set_centre("xray", tiny_model.embed(samples[:4]))
+    lib.fingerprint = centred_model.fingerprint
+    query = centred_model.centre(tiny_model.embed(samples[0]), "xray")
+    cross = lib.search_sample(centred_model, samples[0], k=10, exclude_modality="xray")
+    np.testing.assert_allclose([h.score for h in cross], np.sort(query @ tiny_model.embed(samples[4:]).T)[::-1],
+                               atol=1e-4)
+    assert lib.search_sample(centred_model, samples[0], k=1)[0].id == ids[0]  # own modality: not centred
+    lib.fingerprint = tiny_model.fingerprint
     text_hits = lib.search_text(tiny_model, "pneumonia", k=5, modality="xray")
     assert len(text_hits) == 4 and {h.modality for h in text_hits} == {"xray"}
     want = tiny_model.embed_text(["pneumonia"])[0] @ tiny_model.embed(samples[:4]).T

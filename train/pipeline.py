@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class ModalityPlan:
     max_items: int | None = None
     trainable_fraction: float = 1.0  # share of a pretrained trunk's parameter tensors that train
     pair_modalities: list[str] | None = None  # modalities whose pairs this tower learns from (default: its own)
+    teacher: dict[str, Any] = field(default_factory=dict)  # this teacher's overrides of the teacher stage config
 
 
 @dataclass
@@ -145,8 +147,9 @@ def run(cfg: PipelineConfig) -> M3BindModel:
     def train_teachers() -> dict[str, M3BindModel]:
         data = training_data()
         for i, m in enumerate(names):
-            train_teacher(teachers[m], data[m], cfg.teacher, cfg.seed + i, cfg.modalities[m].trainable_fraction,
-                          base_features)
+            plan = cfg.modalities[m]
+            train_teacher(teachers[m], data[m], dataclasses.replace(cfg.teacher, **plan.teacher), cfg.seed + i,
+                          plan.trainable_fraction, base_features)
         return teachers
 
     def train_aligned() -> dict[str, M3BindModel]:
@@ -208,6 +211,28 @@ stage 2 distillation). **A demonstration model, not a clinical device.** It saw 
 {rows}
 
 Text base: `{cfg.text.source}` (referenced, not copied). Training time on this run's machine: {took}.
+
+## How it was bound
+- Teachers: one CLIP-like model per modality (its tower + its own projection of the frozen text base), trained
+  with a class-aware contrastive loss on captions written from the labels and the datasets' real free text.
+- Stage 1: every teacher keeps its own contrastive loss while the pairwise MSE between the teachers' embeddings
+  of a shared batch of real medical text (weight {cfg.align.align_weight}) pulls their text spaces together;
+  {"only the towers' output heads adapt" if cfg.align.tower_head_only else "the towers adapt"}. For
+  {cfg.align.status_captions:.0%} of the items the caption is a modality-independent one that says only
+  whether the study is normal ("Normal study.", "Abnormal findings.", ...), so that "abnormal" points the same
+  way in every tower's part of the space.
+- Stage 2: one student text encoder reproduces every aligned teacher's text embeddings on that modality's texts.
+- Each tower's centre (its mean training embedding) is stored: cross-modal image-to-image search centres the
+  query with it (`M3BindModel.centre`), which removes the offset that separates modalities.
+
+## Limits
+- Towers see {", ".join(sorted({f"{t.image_size} px" for t in (p.tower for p in cfg.modalities.values())
+                               if hasattr(t, "image_size")}))} images; fine detail is lost. CT and MRI have no
+  tower of their own here: {", ".join(f"{m} uses the {t} tower" for m, t in cfg.modality_towers.items()) or "none"}.
+- Small training sets (a few hundred to a few thousand items per modality, mostly 28-px MedMNIST images):
+  figures on other hospitals' data will be lower. Probabilities are a softmax over the candidate findings
+  given, not calibrated disease risks.
+- Cross-modal retrieval carries a shared normal/abnormal notion, not specific findings across modalities.
 
 ## Evaluation (held-out test splits, computed by `train/evaluate.py` at the end of the run)
 
