@@ -3,8 +3,12 @@
 Why it is built this way:
 
 * **Decoding runs beside the encoder.** A torch ``DataLoader`` runs ``load_input`` *and* the model's
-  ``preprocess`` (grey conversion, padding, resize) in worker processes; the main process only
-  encodes. Workers are forked, so the model is not pickled into them.
+  ``preprocess`` (grey conversion, padding, resize), in worker processes or, on a CPU of few cores,
+  in the main process (``default_workers``); encoder *lanes*, threads that each encode whole batches,
+  run beside it (``encoder_lanes``). Workers are forked, so the model is not pickled into them.
+* **Images are read only as large as the towers need** (``decode_size``: for 64-px towers a 512-px
+  JPEG is decoded at 1/8 scale, previews included), which keeps embeddings within a cosine of 0.99 of
+  a full decode's (tests/test_batch_decode.py) and decoding cheap next to encoding.
 * **Batches are per modality.** Workers take small tasks (``_TASK`` inputs, so a few hundred files
   keep every worker busy); the collate splits a task by modality and the main process gathers the
   pieces into encoder batches of exactly ``batch_size`` inputs of one modality.
@@ -28,9 +32,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +53,8 @@ _WFDB_SIGNALS = (".dat", ".mat")
 # Inputs per worker task: small enough that a few hundred files keep every worker busy, large enough
 # that the per-task hand-over cost stays negligible. Tasks are gathered into encoder batches.
 _TASK = 16
+# Encoder lanes at most: each holds a batch's activations.
+_LANES = 8
 # Suffixes of files that stand alone even when a WFDB header of the same stem lies beside them.
 _STANDALONE = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm", ".dicom",
                ".csv", ".tsv", ".txt", ".npy")
@@ -125,6 +134,7 @@ class _InputDataset(Dataset):
                  thumbnails: bool):
         self.model, self.records, self.modality, self.known = model, records, modality, known
         self.thumbnails = thumbnails
+        self.decode_size = decode_size(model, thumbnails)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -135,7 +145,8 @@ class _InputDataset(Dataset):
             sha = input_sha256(record)
             if sha in self.known:
                 return "skipped", i, None
-            sample = load_input(list(record) if len(record) > 1 else record[0], self.modality)
+            sample = load_input(list(record) if len(record) > 1 else record[0], self.modality,
+                                decode_size=self.decode_size)
             tensor = self.model.preprocess(sample)
         except InputError as exc:
             return "refused", i, str(exc)
@@ -185,7 +196,8 @@ def embed_files(
 
     ``num_workers`` None picks from the CPU count; ``device`` moves the model there (default: where it
     is). ``shard_dir`` is the folder all ranks share when sharded (default: a temporary folder of rank
-    0, which suffices on one machine).
+    0, which suffices on one machine). On the CPU, torch's thread count is changed while it runs
+    (``encoder_lanes``), then restored.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -214,8 +226,10 @@ def _run(model: Any, records: list[Record], modality: str | None, batch_size: in
     """Encodes the records; returns embeddings with their (record position, item), refused, skipped."""
     from tqdm.auto import tqdm
 
+    from .readers import dicom, ecg, image  # noqa: F401  (imported once here, not again in every worker)
+
     device = model.device
-    workers = default_workers(len(records), batch_size) if num_workers is None else num_workers
+    workers = default_workers(len(records), batch_size, device) if num_workers is None else num_workers
     task = min(batch_size, _TASK)
     # Workers decode up to two encoder batches ahead.
     ahead = {"multiprocessing_context": _fork(),
@@ -227,16 +241,27 @@ def _run(model: Any, records: list[Record], modality: str | None, batch_size: in
     refused: list[tuple[int, str]] = []
     skipped: list[int] = []
     pending = _Batcher(batch_size)
+    lanes, lane_threads = encoder_lanes(device, workers)
+    running: deque[tuple[Future, list[int], list[dict]]] = deque()
+    autocast = {"device_type": device.type, "enabled": torch.is_autocast_enabled(device.type),
+                "dtype": torch.get_autocast_dtype(device.type)}
+
+    def finish(keep: int) -> None:
+        """Collects finished batches, in order, until at most ``keep`` are still encoding."""
+        while len(running) > keep:
+            future, indices, group_items = running.popleft()
+            vectors = future.result()
+            if library is not None:
+                library.add(vectors, group_items)
+            chunks.append(vectors)
+            items.extend(zip(indices, group_items))
 
     def encode(group_modality: str, tensor: torch.Tensor, indices: list[int], group_items: list[dict]) -> None:
-        vectors = model.encode(group_modality, tensor).float().cpu().numpy()
-        if library is not None:
-            library.add(vectors, group_items)
-        chunks.append(vectors)
-        items.extend(zip(indices, group_items))
+        running.append((pool.submit(_encode, model, group_modality, tensor, autocast), indices, group_items))
+        finish(2 * lanes)  # every lane busy, and a batch waiting for each
 
     with tqdm(total=len(records), unit="file", disable=not progress, desc="Embedding") as bar, \
-            torch.inference_mode():
+            torch.inference_mode(), _torch_threads(lane_threads), ThreadPoolExecutor(lanes) as pool:
         for done in loader:
             for group_modality, (indices, tensor, group_items) in done["groups"].items():
                 for full in pending.add(group_modality, indices, tensor.to(device, non_blocking=True), group_items):
@@ -247,6 +272,7 @@ def _run(model: Any, records: list[Record], modality: str | None, batch_size: in
             bar.update(sum(len(g[0]) for g in done["groups"].values()) + len(done["refused"]) + len(done["skipped"]))
         for rest in pending.drain():
             encode(*rest)
+        finish(0)
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, model.dim), dtype=np.float32)
     order = sorted(range(len(items)), key=lambda j: items[j][0])  # modality groups back into input order
     return embeddings[order], [items[j] for j in order], refused, skipped
@@ -283,17 +309,66 @@ class _Batcher:
                  items[s:min(s + self.batch_size, n)]) for s in range(0, n, self.batch_size)]
 
 
-def default_workers(n_inputs: int, batch_size: int) -> int:
-    """Decoding processes: none for a single batch, else one per core (at most 16).
+def decode_size(model: Any, thumbnails: bool) -> int:
+    """How large images are read: the largest image tower's input (the reader resamples as the towers
+    do, so the tower's own resize then changes nothing). Where thumbnails are made, twice their size:
+    the tower's resize from an image only a little larger than its input blurs more than one from the
+    full image does (a cosine to the full decode's embedding down to 0.990 at 128 px, 0.996 at 256)."""
+    size = max((tower.image_size for tower in model.config.towers.values() if tower.kind == "image"), default=0)
+    if thumbnails:
+        from .library import THUMBNAIL_PX
 
-    On a GPU decoding is the bottleneck, so every core helps. On a CPU the encoder needs the cores too,
-    but workers only run while their prefetch queue has room; on 2 cores, of 0, 1 and 2 workers,
-    2 measured best (bench/bench_embed.py).
+        size = max(size, 2 * THUMBNAIL_PX)
+    return size
+
+
+def default_workers(n_inputs: int, batch_size: int, device: str | torch.device = "cpu") -> int:
+    """Decoding processes: none for a single batch; on a GPU one per core (at most 16), since decoding is
+    then the bottleneck; on the CPU a quarter of the cores, taken from the encoder lanes.
+
+    On the CPU, decoding to the towers' size costs a fraction of encoding, and below 4 cores a worker
+    costs more than it saves (forking and ending a process holding the model, handing tensors over):
+    the main process then decodes while the lanes encode.
     """
     if n_inputs <= batch_size:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(16, cores)
+    return min(16, cores) if torch.device(device).type != "cpu" else cores // 4
+
+
+def encoder_lanes(device: torch.device, workers: int) -> tuple[int, int]:
+    """(lanes, torch threads per lane): encoder threads that each encode whole batches, side by side.
+
+    On the CPU the caller's torch threads, less one per decoding worker, are shared out among at most
+    ``_LANES`` lanes, one thread each where they suffice. At the towers' small inputs a one-thread
+    batch wastes nothing, while the threads of one batch wait for each other at every layer, all the
+    more when decoding shares their cores: on 2 cores two one-thread lanes encode about 1.25 times as
+    fast as one two-thread batch, and several times as fast under load. On a GPU one lane keeps the
+    threads.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu":
+        return 1, threads
+    spare = max(1, threads - workers)
+    per_lane = -(-spare // _LANES)
+    return spare // per_lane, per_lane
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set for the run (lanes started inside inherit it), then given back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _encode(model: Any, modality: str, tensor: torch.Tensor, autocast: dict[str, Any]) -> np.ndarray:
+    """One batch, in a lane thread: inference mode and the caller's autocast are per thread."""
+    with torch.inference_mode(), torch.autocast(**autocast):
+        return model.encode(modality, tensor).float().cpu().numpy()
 
 
 def library_hashes(library: Any) -> set[str]:

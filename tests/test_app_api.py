@@ -103,10 +103,18 @@ def test_classify_png_with_comma_separated_findings(client):
     retina = client.predict(api_name="/example_retina")[0]
     findings = "no diabetic retinopathy, proliferative diabetic retinopathy"
     result = client.predict([handle_file(retina)], "auto", findings, None, None, None, api_name="/classify")
-    assert "Retina fundus" in result[0] and "PNG" in result[0]
+    assert "Retina fundus" in result[0] and "PNG" in result[0] and "1411 x 1411 px" in result[0]
     assert set(probabilities(result)) == {"no diabetic retinopathy", "proliferative diabetic retinopathy"}
     bars = json.loads(result[1]["plot"])["data"][0]
     assert bars["x"] == sorted(bars["x"])  # most probable drawn last, i.e. on top
+
+
+def test_large_images_are_decoded_only_as_large_as_needed(ws):
+    retina = ws.example_path("retina")
+    full, sample = m3bind.load_input(retina), ws.read(str(retina))
+    assert full.data.shape[:2] == (1411, 1411) and ws.decode_size <= max(sample.data.shape[:2]) < 1411
+    assert sample.preview.shape == full.preview.shape  # the page shows the same preview
+    assert float(ws.embed(str(retina)) @ ws.model.embed(full)) > 0.999
 
 
 def test_classify_wfdb_pair_draws_twelve_leads(client):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import m3bind
-from m3bind.batch import collect_inputs, embed_files
+from m3bind.batch import collect_inputs, decode_size, embed_files
 from m3bind.library import Library
 
 RNG = np.random.default_rng(0)
@@ -53,7 +53,8 @@ def test_folder_in_workers_matches_model_embed(model, image_folder):
     assert sources == sorted(sources) and len(sources) == 60
     assert sum(item["modality"] == "pathology" for item in result.items) == 30
     assert {item["modality"] for item in result.items if "cxr" in item["source"]} <= {"xray", "ct"}
-    expected = model.embed([m3bind.load_input(s) for s in sources])
+    # workers decode at twice the towers' input size (tests/test_batch_decode.py: as good as a full decode)
+    expected = model.embed([m3bind.load_input(s, decode_size=decode_size(model, False)) for s in sources])
     np.testing.assert_allclose(result.embeddings, expected, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(result.embeddings, axis=1), 1.0, atol=1e-5)
     assert result.items[0]["sha256"] == hashlib.sha256(sources[0].read_bytes()).hexdigest()

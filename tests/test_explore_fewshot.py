@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import m3bind
 from m3bind.examples import EXAMPLES, example_files
-from m3bind.explore import MIN_UMAP_ITEMS, MapCache, fit_map
+from m3bind.explore import MIN_UMAP_ITEMS, LibraryMap, MapCache, _flat_index, _knn, fit_map
 from m3bind.fewshot import LogisticProbe, PrototypeClassifier
 from m3bind.library import Library
 
 DIM = 32
+REPO = Path(__file__).resolve().parents[1]
 
 
 def clusters(n_per: int, names=("benign", "malignant", "normal"), spread: float = 0.3, seed: int = 0):
@@ -73,6 +78,48 @@ def test_umap_map_is_cached_per_library_state_and_places_points_without_refittin
         assert sum(labels[i] == labels[own] for i in nearest) >= 4
     library.add(x[:1], [{"modality": "pathology", "label": "benign"}])
     assert cache.get(library) is not lmap and len(cache.get(library).ids) == 37
+
+
+def test_umap_starts_from_exact_cosine_neighbours():
+    x, _ = clusters(30)
+    neighbours, distances = _knn(_flat_index(x), x, 10)
+    cosine = x @ x.T
+    assert np.array_equal(neighbours[:, 0], np.arange(len(x)))  # each item first, as UMAP expects
+    assert np.array_equal(np.sort(neighbours, 1), np.sort(np.argsort(-cosine, 1)[:, :10], 1))
+    assert distances.dtype == np.float32 and np.allclose(distances, 1 - np.take_along_axis(cosine, neighbours, 1),
+                                                         atol=1e-5)
+
+
+def test_placed_points_land_near_their_neighbours_and_never_off_the_map():
+    x, labels = clusters(12)
+    coords, pca, placement, method, note = fit_map(x)
+    lmap = LibraryMap(ids=np.arange(len(x)), coords=coords, modalities=[], labels=labels, sources=[],
+                      method=method, note=note, _pca=pca, _umap=placement)
+    extent = np.ptp(coords, axis=0).max()
+    assert np.median(np.linalg.norm(lmap.place(x) - coords, axis=1)) < 0.05 * extent  # items placed again
+    strangers = np.concatenate([-x.mean(0, keepdims=True), np.random.default_rng(1).normal(size=(5, DIM))])
+    placed = lmap.place(strangers.astype(np.float32))
+    assert placed.shape == (6, 2) and placed.dtype == np.float32
+    assert (placed >= coords.min(0)).all() and (placed <= coords.max(0)).all()
+    assert lmap.place(np.zeros((0, DIM))).shape == (0, 2)
+
+
+def test_after_the_warm_up_a_real_map_compiles_nothing():
+    """In a fresh process: the warm-up's random points have the array types of a real map and its placement."""
+    script = """
+import numpy as np
+from umap import layouts, umap_
+from m3bind.explore import fit_map, warm_up
+jitted = [umap_.smooth_knn_dist, umap_.compute_membership_strengths, layouts._nb_optimize_layout_euclidean_single_epoch]
+warm_up()
+compiled = [len(f.signatures) for f in jitted]
+x = np.random.default_rng(0).normal(size=(300, 256)).astype(np.float32)
+coords, pca, placement, method, _ = fit_map(x / np.linalg.norm(x, axis=1, keepdims=True))
+placement.transform(pca.transform(x[:3]))
+assert method == "UMAP" and all(compiled) and [len(f.signatures) for f in jitted] == compiled, compiled
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_examples_are_materialised_once_and_readable(tmp_path):

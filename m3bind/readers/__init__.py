@@ -87,6 +87,7 @@ def load_input(
     sampling_rate: float | None = None,
     window: tuple[float, float] | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    decode_size: int | None = None,
 ) -> Sample:
     """Read one image, DICOM object or ECG record into a ``Sample``.
 
@@ -94,7 +95,8 @@ def load_input(
     text formats such as CSV), or the list of files of one WFDB record (header plus signal file).
     ``modality`` overrides detection; it must be of the same reader kind as the file.
     ``sampling_rate`` applies to CSV/NPY ECGs that carry none. ``window`` = (centre, width) overrides
-    the DICOM VOI window.
+    the DICOM VOI window. ``decode_size`` is for callers that shrink images anyway (batch embedding): plain
+    8-bit images larger than that are then read with their long side at ``decode_size``.
     """
     from . import dicom, ecg, image
 
@@ -107,7 +109,7 @@ def load_input(
         headers = [p for p in paths if p.suffix.lower() == ".hea"]
         if len(paths) == 1 or not headers:
             return load_input(paths[0], modality, name=name, sampling_rate=sampling_rate, window=window,
-                              limits=limits)
+                              limits=limits, decode_size=decode_size)
         sample = ecg.read_wfdb(headers[0], limits, files=paths)
         return _apply_modality(sample, modality)
 
@@ -133,7 +135,7 @@ def load_input(
     if fmt == "dicom":
         sample = dicom.read_dicom(data, limits, window=window)
     elif fmt in IMAGE_FORMATS:
-        sample = image.read_image(data, limits)
+        sample = image.read_image(data, limits, decode_size)
     elif fmt in ("npy", "csv"):
         sample = ecg.read_ecg_array(data, fmt, limits, sampling_rate=sampling_rate)
     elif fmt == "wfdb":

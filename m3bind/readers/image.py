@@ -18,7 +18,7 @@ from io import BytesIO
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from ..errors import CorruptFileError, InputError, InputTooLargeError, UnsupportedFormatError
 from ..sample import Sample
@@ -60,18 +60,22 @@ def image_sample(array: np.ndarray, modality: str, meta: dict[str, Any]) -> Samp
     a = np.asarray(array)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] != 3 or a.shape[0] == 0 or a.shape[1] == 0:
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)) or a.shape[0] == 0 or a.shape[1] == 0:
         raise CorruptFileError(f"The image has an unusable pixel layout (shape {tuple(np.shape(array))}).")
-    data = np.ascontiguousarray(to_unit(a), dtype=np.float32)
-    return Sample(modality=modality, data=data, preview=_preview(data), meta=dict(meta))
+    unit = to_unit(a).astype(np.float32, copy=False)  # grey is scaled before it is replicated: a third of the work
+    return Sample(modality=modality, data=_rgb(unit), preview=_preview(unit), meta=dict(meta))
 
 
-def _preview(data: np.ndarray) -> np.ndarray:
-    img = Image.fromarray((data * 255.0 + 0.5).astype(np.uint8), "RGB")
-    if max(img.size) > PREVIEW_SIDE:
-        img.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
+def _rgb(a: np.ndarray) -> np.ndarray:
+    return np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else np.ascontiguousarray(a)
+
+
+def _preview(unit: np.ndarray) -> np.ndarray:
+    pixels = _rgb((unit * 255.0 + 0.5).astype(np.uint8))
+    if max(pixels.shape[:2]) <= PREVIEW_SIDE:
+        return pixels
+    img = Image.fromarray(pixels, "RGB")
+    img.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -100,18 +104,34 @@ def guess_image_modality(rgb: np.ndarray) -> str:
     return "pathology"
 
 
-def read_image(data: bytes, limits: Limits) -> Sample:
-    """Decode a plain image file; the pixel count is checked from the header before any decoding."""
+def read_image(data: bytes, limits: Limits, decode_size: int | None = None) -> Sample:
+    """Decode a plain image file; the pixel count is checked from the header before any decoding.
+
+    ``decode_size`` lets a caller that will shrink the image anyway (batch embedding) skip most of the
+    decoding work: an 8-bit image larger than that comes out with its long side at ``decode_size``
+    (JPEGs decoded with DCT scaling, then resampled as the towers resample), preview included; deeper
+    images come out whole. ``meta`` keeps the file's size.
+    """
     with _open_checked(data, limits) as img:
         fmt = _FORMAT_NAMES.get(img.format or "", (img.format or "image").lower())
+        size = img.size
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                # JPEG only (others ignore it): DCT scaling (8x8 block means at most) to no less than
+                # decode_size; drafted[1] = where the file's pixels lie in the scaled image
+                drafted = img.draft(None, _fit(size, decode_size)) if decode_size else None
                 img.load()
+                if drafted:  # its EXIF, kept in img.info, goes along
+                    img = _shrink(img, _fit(size, decode_size), drafted[1])
+                if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # turned by 90 degrees
+                    size = size[::-1]
                 ImageOps.exif_transpose(img, in_place=True)
+                if decode_size and not drafted:  # after turning: TIFF keeps its orientation in the file's tags
+                    img = _shrink(img, _fit(size, decode_size), (0, 0, *size))
                 array = _pil_to_array(img)
         except Image.DecompressionBombError as exc:
-            raise InputTooLargeError(_too_large(img.size, limits)) from exc
+            raise InputTooLargeError(_too_large(size, limits)) from exc
         except InputError:
             raise
         except Exception as exc:  # any decoder failure: truncated stream, bad zlib/huffman data, bad tiles
@@ -119,8 +139,8 @@ def read_image(data: bytes, limits: Limits) -> Sample:
                 f"The {fmt.upper()} file is damaged or truncated and could not be decoded.") from exc
         meta = {
             "format": fmt,
-            "width": img.size[0],
-            "height": img.size[1],
+            "width": size[0],
+            "height": size[1],
             "mode": img.mode,
             "bit_depth": _bit_depth(img.mode),
             "channels": len(img.getbands()),
@@ -151,6 +171,24 @@ def _open_checked(data: bytes, limits: Limits) -> Image.Image:
     if w * h > limits.max_pixels:
         raise InputTooLargeError(_too_large(img.size, limits))
     return img
+
+
+def _fit(size: tuple[int, int], long_side: int) -> tuple[int, int]:
+    """``size`` scaled down so that its long side is ``long_side``, rounded as the towers round it."""
+    scale = long_side / max(size)
+    return (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))) if scale < 1 else size
+
+
+def _shrink(img: Image.Image, target: tuple[int, int], box: tuple[float, ...]) -> Image.Image:
+    """The ``box`` region of an 8-bit image resampled to ``target`` as the towers resample (antialiased
+    bilinear), with exact geometry (a DCT-scaled image's last pixels cover only part of a block).
+
+    Deeper images are left whole: their scaling to [0, 1] reads the effective bit depth from the pixel
+    maximum, which averaging would change.
+    """
+    if img.mode not in ("L", "LA", "RGB", "RGBA", "CMYK") or (img.size == target and tuple(box) == (0, 0, *target)):
+        return img
+    return img.resize(target, Image.Resampling.BILINEAR, box=box)
 
 
 def _too_large(size: tuple[int, int], limits: Limits) -> str:
