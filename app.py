@@ -42,6 +42,7 @@ WINDOW_PRESETS = {"Lung (C -600, W 1500)": (-600.0, 1500.0), "Soft tissue (C 40,
 CSS = """
 .m3b-warning {background:#fff4e5; border:1px solid #f0a020; border-radius:8px; padding:8px 14px;}
 .m3b-warning p {margin:0; color:#7a4700;}
+#results .caption-label, #similar .caption-label {white-space:normal; max-width:100%; font-size:12px;}
 """
 
 

@@ -1,8 +1,9 @@
 """The towers: each maps one kind of input into the shared space of dimension D (unnormalised).
 
 Image towers are open_clip vision towers (timm-backed or open_clip's own architectures, or the visual
-half of a published open_clip checkpoint) followed by a projection to D. The ECG tower is a 1-D residual
-CNN over the canonical 12-lead form. The text tower is a transformers encoder with pooling and a
+half of a published open_clip checkpoint) followed by a projection to D, or a compact residual CNN trained
+from scratch (for small images, where an upsampled ImageNet trunk gains little). The ECG tower is a 1-D
+residual CNN over the canonical 12-lead form. The text tower is a transformers encoder with pooling and a
 projection to D.
 """
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EcgTowerConfig, ImageTowerConfig, TextTowerConfig
+from .errors import InputError
 from .modalities import Modality
 from .weights import package_name, package_trunk_state, resolve_text_source
 
@@ -27,7 +29,12 @@ class ImageTower(nn.Module):
         import open_clip
 
         self.cfg = cfg
-        if cfg.source and cfg.source.startswith(PUBLISHED_PREFIXES):
+        if "cnn_widths" in cfg.vision_cfg:
+            if cfg.source:
+                raise InputError("A compact CNN tower starts from random weights; its source must be null.")
+            out_dim = dim
+            self.visual = ResidualCnn(tuple(cfg.vision_cfg["cnn_widths"]), dim)
+        elif cfg.source and cfg.source.startswith(PUBLISHED_PREFIXES):
             clip = open_clip.create_model(cfg.source)
             preprocess = open_clip.get_model_preprocess_cfg(clip)
             size = preprocess.get("size", cfg.image_size)
@@ -103,18 +110,44 @@ class ImageTower(nn.Module):
         return self.head(self.body(pixels))
 
 
-class _ResidualBlock1d(nn.Module):
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int):
+class _ResidualBlock(nn.Module):
+    """Two convolutions and a projected skip, 1-D (ECG) or 2-D (images)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, dims: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv1d(c_in, c_out, kernel, stride, kernel // 2, bias=False)
-        self.bn1 = nn.BatchNorm1d(c_out)
-        self.conv2 = nn.Conv1d(c_out, c_out, kernel, 1, kernel // 2, bias=False)
-        self.bn2 = nn.BatchNorm1d(c_out)
-        self.skip = nn.Sequential(nn.Conv1d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm1d(c_out))
+        conv, norm = (nn.Conv1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
+        self.conv1 = conv(c_in, c_out, kernel, stride, kernel // 2, bias=False)
+        self.bn1 = norm(c_out)
+        self.conv2 = conv(c_out, c_out, kernel, 1, kernel // 2, bias=False)
+        self.bn2 = norm(c_out)
+        self.skip = nn.Sequential(conv(c_in, c_out, 1, stride, bias=False), norm(c_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.gelu(self.bn1(self.conv1(x)))
         return F.gelu(self.bn2(self.conv2(y)) + self.skip(x))
+
+
+class _MeanMaxPool(nn.Module):
+    """Mean and max over every position, side by side: a finding may be diffuse or focal."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(2)
+        return torch.cat([x.mean(-1), x.amax(-1)], dim=1)
+
+
+class ResidualCnn(nn.Module):
+    """A small 2-D ResNet (3x3 stem, then one residual block per width, each halving the resolution).
+
+    Laid out like open_clip's timm towers (``trunk`` to pooled features, ``head`` to D), so the tower's
+    ``body``/``head`` split and stage 1's head-only training apply unchanged.
+    """
+
+    def __init__(self, widths: tuple[int, ...], out_dim: int):
+        super().__init__()
+        stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.GELU())
+        blocks = [_ResidualBlock(a, b, 3, 2, dims=2) for a, b in zip(widths, widths[1:])]
+        self.trunk = nn.Sequential(stem, *blocks, _MeanMaxPool())
+        self.head = nn.Linear(2 * widths[-1], out_dim)
 
 
 class EcgTower(nn.Module):
@@ -127,7 +160,8 @@ class EcgTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         widths = (24,) + tuple(cfg.widths)
-        self.blocks = nn.Sequential(*[_ResidualBlock1d(a, b, cfg.kernel_size, 2) for a, b in zip(widths, widths[1:])])
+        self.blocks = nn.Sequential(*[_ResidualBlock(a, b, cfg.kernel_size, 2) for a, b in zip(widths, widths[1:])])
+        self.pool = _MeanMaxPool()
         self.proj = nn.Linear(widths[-1] * 2, dim)
 
     def base_keys(self) -> set[str]:
@@ -142,8 +176,7 @@ class EcgTower(nn.Module):
         return torch.cat([x * mask, mask])
 
     def body(self, signals: torch.Tensor) -> torch.Tensor:
-        h = self.blocks(signals)
-        return torch.cat([h.mean(-1), h.amax(-1)], dim=1)
+        return self.pool(self.blocks(signals))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(features)

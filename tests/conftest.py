@@ -20,13 +20,14 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    """A fast model: MiniLM text tower (from its package), tiny open_clip ViT image towers, a small ECG CNN."""
+    """A fast model: MiniLM text tower (from its package), a tiny open_clip ViT and a tiny residual CNN as image
+    towers, a small ECG CNN."""
     import m3bind
 
     vit = {"layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
     towers = {
         "xray": m3bind.ImageTowerConfig(source=None, vision_cfg=vit, image_size=32),
-        "retina": m3bind.ImageTowerConfig(source=None, vision_cfg=vit, image_size=32),
+        "retina": m3bind.ImageTowerConfig(source=None, vision_cfg={"cnn_widths": (8, 16)}, image_size=32),
         "ecg": m3bind.EcgTowerConfig(widths=(16, 32)),
     }
     return m3bind.ModelConfig(name="tiny", dim=32, towers=towers,

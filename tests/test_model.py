@@ -107,6 +107,20 @@ def test_modality_centres_are_fitted_saved_and_take_the_offset_out_of_queries(ti
     assert loaded.fingerprint == model.fingerprint
 
 
+def test_compact_cnn_tower_splits_into_body_and_head_and_starts_from_random_weights():
+    cfg = m3bind.ImageTowerConfig(source=None, vision_cfg={"cnn_widths": (8, 16, 32)}, image_size=32)
+    tower = ImageTower(cfg, 24).eval()
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        features = tower.body(pixels)
+        assert features.shape == (2, 64)  # mean and max of the last width
+        torch.testing.assert_close(tower.head(features), tower(pixels))
+    assert {id(p) for p in tower.head_parameters()} == {id(p) for p in tower.visual.head.parameters()}
+    assert tower.base_keys() == set()
+    with pytest.raises(m3bind.InputError, match="random weights"):
+        ImageTower(m3bind.ImageTowerConfig(vision_cfg={"cnn_widths": (8,)}), 24)
+
+
 def test_fine_tuned_base_weights_are_saved(tiny_model, tmp_path):
     model = copy.deepcopy(tiny_model)
     with torch.no_grad():

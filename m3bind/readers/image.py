@@ -38,7 +38,10 @@ def to_unit(array: np.ndarray, bits: int | None = None) -> np.ndarray:
     a = np.asarray(array)
     if a.dtype == np.bool_:
         return a.astype(np.float32)
-    if np.issubdtype(a.dtype, np.integer) and (a.size == 0 or a.min() >= 0):
+    if a.dtype == np.uint8 and bits in (None, 8):  # the common case, in one pass: nothing to check
+        return np.divide(a, np.float32(255.0), dtype=np.float32)
+    unsigned = np.issubdtype(a.dtype, np.unsignedinteger)
+    if np.issubdtype(a.dtype, np.integer) and (unsigned or a.size == 0 or a.min() >= 0):
         if bits is None:
             bits = max(8, int(a.max()).bit_length() if a.size else 8)
         return (a.astype(np.float32) / float(2**bits - 1)).clip(0.0, 1.0)
@@ -63,15 +66,17 @@ def image_sample(array: np.ndarray, modality: str, meta: dict[str, Any]) -> Samp
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)) or a.shape[0] == 0 or a.shape[1] == 0:
         raise CorruptFileError(f"The image has an unusable pixel layout (shape {tuple(np.shape(array))}).")
     unit = to_unit(a).astype(np.float32, copy=False)  # grey is scaled before it is replicated: a third of the work
-    return Sample(modality=modality, data=_rgb(unit), preview=_preview(unit), meta=dict(meta))
+    pixels = a if a.dtype == np.uint8 else (unit * 255.0 + 0.5).astype(np.uint8)
+    return Sample(modality=modality, data=_rgb(unit), preview=_preview(pixels), meta=dict(meta))
 
 
 def _rgb(a: np.ndarray) -> np.ndarray:
     return np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else np.ascontiguousarray(a)
 
 
-def _preview(unit: np.ndarray) -> np.ndarray:
-    pixels = _rgb((unit * 255.0 + 0.5).astype(np.uint8))
+def _preview(pixels: np.ndarray) -> np.ndarray:
+    """8-bit RGB, long side at most ``PREVIEW_SIDE``."""
+    pixels = _rgb(pixels)
     if max(pixels.shape[:2]) <= PREVIEW_SIDE:
         return pixels
     img = Image.fromarray(pixels, "RGB")
