@@ -26,6 +26,15 @@ class ImageTowerConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     kind: str = "image"
 
+    def describe(self) -> str:
+        """One line for model cards."""
+        if "cnn_widths" in self.vision_cfg:
+            arch = f"residual CNN ({'-'.join(map(str, self.vision_cfg['cnn_widths']))})"
+        else:
+            arch = self.vision_cfg.get("timm_model_name") or "open_clip vision tower"
+        start = f"from `{self.source}`" if self.source else "from scratch"
+        return f"{arch}, {start}, {self.image_size} px"
+
 
 @dataclass
 class EcgTowerConfig:
@@ -33,6 +42,9 @@ class EcgTowerConfig:
     kernel_size: int = 7
     source: str | None = None
     kind: str = "ecg"
+
+    def describe(self) -> str:
+        return f"1-D residual CNN ({'-'.join(map(str, self.widths))}), from scratch, 12 leads x 1000 samples"
 
 
 @dataclass
@@ -78,7 +90,8 @@ class ModelConfig:
 
 
 def default_config() -> ModelConfig:
-    """The architecture of the embedded default model: one EfficientNet-Lite0 tower per image modality."""
+    """The untrained fallback architecture (``load_model`` without a trained model in assets/): one
+    EfficientNet-Lite0 tower per image modality."""
     image_modalities = ("xray", "ct", "mri", "ultrasound", "retina", "pathology", "dermoscopy")
     towers: dict[str, ImageTowerConfig | EcgTowerConfig] = {m: ImageTowerConfig() for m in image_modalities}
     towers["ecg"] = EcgTowerConfig()

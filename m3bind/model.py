@@ -226,11 +226,10 @@ class M3BindModel(nn.Module):
 
 def default_card(model: M3BindModel) -> str:
     cfg = model.config
-    towers = "\n".join(f"| {m} | {t} | {cfg.towers[t].kind} | {getattr(cfg.towers[t], 'source', None)} |"
-                       for m, t in cfg.modality_towers.items())
+    towers = "\n".join(f"| {m} | {t} | {cfg.towers[t].describe()} |" for m, t in cfg.modality_towers.items())
     return (f"# {cfg.name}\n\nAn M3Bind model: every modality tower and one text encoder in a shared "
             f"{cfg.dim}-d space.\n\nText encoder base: `{cfg.text.source}`.\n\n"
-            f"| modality | tower | kind | base weights |\n|---|---|---|---|\n{towers}\n")
+            f"| modality | tower | architecture |\n|---|---|---|\n{towers}\n")
 
 
 def load_model(name_or_path: str | Path | None = None, device: str | torch.device | None = "auto") -> M3BindModel:

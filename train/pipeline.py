@@ -197,7 +197,7 @@ def run(cfg: PipelineConfig) -> M3BindModel:
 
 
 def model_card(cfg: PipelineConfig, timings: dict[str, float], evaluation: str = "") -> str:
-    rows = "\n".join(f"| {m} | {', '.join(p.datasets)} | {type(p.tower).__name__} |" for m, p in cfg.modalities.items())
+    rows = "\n".join(f"| {m} | {', '.join(p.datasets)} | {p.tower.describe()} |" for m, p in cfg.modalities.items())
     took = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
     return f"""# {cfg.name}
 
