@@ -233,14 +233,25 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
     @_friendly("search")
     def search_text(query, modalities, k, per_modality):
         hits = ws.search_text(query, int(k), modalities or None, bool(per_modality))
-        return _gallery(ws, hits), f"{len(hits)} results for “{query.strip()}”."
+        return _gallery(ws, hits), f"{len(hits)} results for “{query.strip()}”.", [h.id for h in hits]
 
     @_friendly("search")
     def search_similar(files, modality, centre, width, rate, k, other):
         sample, hits = ws.search_similar(files, options(files, modality, centre, width, rate), int(k), bool(other))
         scope = "other modalities than " if other else "all modalities, including "
         return _gallery(ws, hits), (f"{len(hits)} nearest items from {scope}"
-                                    f"{m3bind.get_modality(sample.modality).title}.")
+                                    f"{m3bind.get_modality(sample.modality).title}."), [h.id for h in hits]
+
+    def pick_result(ids, event: gr.SelectData):
+        """A clicked result becomes the one the remove button acts on."""
+        return ids[event.index] if ids and event.index < len(ids) else None
+
+    @_friendly("remove this item")
+    def remove_item(item_id):
+        if item_id is None:
+            raise m3bind.InputError("Click a search result first; that item is then removed.")
+        ws.remove_item(int(item_id))
+        return None, f"Item {int(item_id)} was removed from the library.", _library_summary(ws)
 
     @_friendly("add these files")
     def add_files(files, label, modality, progress=gr.Progress()):
@@ -365,6 +376,12 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
                 similar_note = gr.Markdown()
                 similar_gallery = gr.Gallery(label="Similar items", columns=4, height="auto", format="png",
                                              object_fit="contain", elem_id="similar")
+                result_ids, similar_ids = gr.State([]), gr.State([])
+                with gr.Row():
+                    selected_item = gr.Number(label="Clicked result (library item)", precision=0, interactive=False,
+                                              elem_id="selected-item")
+                    remove_button = gr.Button("Remove it from the library", variant="stop", elem_id="remove-button")
+                remove_note = gr.Markdown()
                 with gr.Accordion("Add files to the library", open=False):
                     gr.Markdown("Only the file name, a hash and a thumbnail are kept; nothing from DICOM headers "
                                 "that identifies a patient. The library is saved on the server.")
@@ -431,11 +448,15 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
         for button, key in example_buttons:
             button.click(example(key), None, files, api_name=f"example_{key}")
 
-        search_button.click(search_text, [query, search_modalities, k, per_modality], [gallery, search_note],
-                            api_name="search_text")
-        query.submit(search_text, [query, search_modalities, k, per_modality], [gallery, search_note], api_name=False)
-        similar_button.click(search_similar, [*view, k, other_only], [similar_gallery, similar_note],
+        searched = [gallery, search_note, result_ids]
+        search_button.click(search_text, [query, search_modalities, k, per_modality], searched, api_name="search_text")
+        query.submit(search_text, [query, search_modalities, k, per_modality], searched, api_name=False)
+        similar_button.click(search_similar, [*view, k, other_only], [similar_gallery, similar_note, similar_ids],
                              api_name="search_similar")
+        gallery.select(pick_result, result_ids, selected_item, api_name=False)
+        similar_gallery.select(pick_result, similar_ids, selected_item, api_name=False)
+        remove_button.click(remove_item, selected_item, [selected_item, remove_note, summary],
+                            api_name="remove_from_library", concurrency_id="heavy", concurrency_limit=1)
         add_button.click(add_files, [add_files_input, add_label, add_modality], [add_status, summary],
                          api_name="add_to_library", concurrency_id="heavy", concurrency_limit=1)
         reset_button.click(reset_library, None, [add_status, summary], api_name="reset_library",

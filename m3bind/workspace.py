@@ -141,6 +141,14 @@ class Workspace:
                 self.library.save(self.library_dir)
         return {"added": added, "skipped": skipped, "refused": refused, "stats": self.library.stats()}
 
+    def remove_item(self, item_id: int) -> dict[str, Any]:
+        """Takes one item out of the library (a file added by mistake, say) and saves."""
+        with self._write_lock:
+            if not self.library.remove([item_id]):
+                raise InputError(f"The library holds no item {item_id}; search again and pick a result.")
+            self.library.save(self.library_dir)
+        return self.library.stats()
+
     def thumbnail(self, item_id: int) -> bytes | None:
         return self.library.item(item_id)["thumbnail"]
 

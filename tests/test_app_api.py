@@ -83,7 +83,8 @@ def probabilities(result) -> dict[str, float]:
 def test_every_action_is_a_named_endpoint(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/open_file", "/classify", "/show", "/default_findings", "/search_text", "/search_similar",
-            "/add_to_library", "/reset_library", "/library_stats", "/explore", "/fewshot"} <= names
+            "/add_to_library", "/reset_library", "/remove_from_library", "/library_stats", "/explore",
+            "/fewshot"} <= names
     assert {f"/example_{e.key}" for e in m3bind.examples.EXAMPLES} <= names
 
 
@@ -284,6 +285,19 @@ def test_library_add_explore_fewshot_reset(client, ws, tiles, dicom_with_identif
     with pytest.raises(AppError, match="at least two classes"):
         client.predict(query, "auto", None, None, None, "prototype", False, "only", [handle_file(tiles["lung_n"][0])],
                        "", [], "", [], api_name="/fewshot")
+
+    # one item taken out again: gone from the saved library and from search results
+    added_by_mistake = next(h.id for h in ws.search_text("benign lung tissue", 48, ["pathology"]) if h.label == "lung_n")
+    selected, note, summary = client.predict(added_by_mistake, api_name="/remove_from_library")
+    assert selected is None and f"Item {added_by_mistake} was removed" in note and "**Library:** 19 items" in summary
+    assert added_by_mistake not in {h.id for h in ws.search_text("lung tissue", 48, None, per_modality=False)}
+    saved = Library.load(ws.library_dir, ws.model.fingerprint)
+    assert len(saved) == 19
+    saved.close()
+    with pytest.raises(AppError, match="holds no item"):
+        client.predict(added_by_mistake, api_name="/remove_from_library")
+    with pytest.raises(AppError, match="Click a search result first"):
+        client.predict(None, api_name="/remove_from_library")
 
     status, summary = client.predict(api_name="/reset_library")
     assert "**Library:** 6 items" in summary and len(ws.library) == 6

@@ -16,7 +16,7 @@ import m3bind
 from train.captions import STATUS_CAPTIONS
 from train.losses import class_aware_contrastive, distillation, match_matrix, pairwise_alignment, same_class_targets
 from train.pipeline import REPO, PipelineConfig, run
-from train.stages import ModalityData, StageConfig, distill, text_only_model
+from train.stages import ModalityData, StageConfig, augment, distill, text_only_model
 
 
 def unit(x):
@@ -89,6 +89,27 @@ def test_batches_mix_in_status_captions_only_for_items_with_a_known_status():
     assert 20 < used < 100  # about half of the 100 items with a status
     none = data.batches(6, np.random.default_rng(0))
     assert not any(t in status_texts for _ in range(5) for t in next(none).texts)
+
+
+def test_image_augmentation_adds_the_black_bars_of_padded_inputs_and_keeps_the_range():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.ones(4, 3, 32, 32)
+    barred = 0
+    for _ in range(40):
+        out = augment(images, "image", generator)
+        assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+        rows, cols = out.amax(dim=(1, 3)), out.amax(dim=(1, 2))  # (N, 32): brightest pixel per row / column
+        assert (rows.amax(1) > 0.5).all()  # the image itself stays
+        barred += bool((rows == 0).any() or (cols == 0).any())  # a whole black row or column
+    assert 5 < barred < 35  # about half of the batches
+
+
+def test_ecg_augmentation_keeps_missing_leads_empty():
+    generator = torch.Generator().manual_seed(0)
+    signal, mask = torch.randn(2, 12, 1000), torch.ones(2, 12, 1000)
+    mask[:, 3:6] = 0
+    out = augment(torch.cat([signal * mask, mask], dim=1), "ecg", generator)
+    assert out.shape == (2, 24, 1000) and (out[:, 3:6] == 0).all() and torch.equal(out[:, 12:], mask)
 
 
 def test_distillation_loss():

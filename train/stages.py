@@ -111,7 +111,8 @@ def load_modality_data(model: M3BindModel, modality: str, datasets: Sequence[str
 
 
 def augment(batch: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Label-preserving jitter: small crops and contrast for images; gain, shift and noise for ECGs."""
+    """Label-preserving jitter: small crops, contrast and black bars (the padding a non-square image gets)
+    for images; gain, shift and noise for ECGs."""
     n = batch.shape[0]
     if kind == "ecg":
         signal, mask = batch[:, :12], batch[:, 12:]
@@ -125,6 +126,12 @@ def augment(batch: torch.Tensor, kind: str, generator: torch.Generator) -> torch
     y0, x0 = (int(torch.randint(0, size - crop + 1, (1,), generator=generator)) for _ in range(2))
     out = F.interpolate(batch[:, :, y0:y0 + crop, x0:x0 + crop], size=(size, size), mode="bilinear",
                         align_corners=False)
+    if float(torch.rand(1, generator=generator)) < 0.5:  # as a non-square input is padded (see preprocess)
+        side = int(size * float(torch.empty(1).uniform_(0.6, 1.0, generator=generator)))
+        tall = bool(torch.rand(1, generator=generator) < 0.5)
+        out = F.interpolate(out, size=(size, side) if tall else (side, size), mode="bilinear", align_corners=False)
+        before = int(torch.randint(0, size - side + 1, (1,), generator=generator))
+        out = F.pad(out, (before, size - side - before, 0, 0) if tall else (0, 0, before, size - side - before))
     contrast = 1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=generator) - 0.5)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     return ((out - mean) * contrast + mean).clamp(0, 1)
