@@ -72,21 +72,25 @@ class ImageTower(nn.Module):
             return {f"visual.trunk.{k}": v for k, v in package_trunk_state(self.cfg.source, self.visual.trunk).items()}
         return {}
 
-    def preprocess(self, image: np.ndarray, modality: Modality) -> torch.Tensor:
+    def preprocess(self, image: np.ndarray, modality: Modality,
+                   stored_size: tuple[int, int] | None = None) -> torch.Tensor:
         """(H, W, 3) float in [0, 1] -> (3, S, S): grey if the modality is grey, resized to fit, padded square.
 
         Grey images are reduced to one channel first and padding comes after resizing, so the per-item cost
-        stays small next to the encoder even for 512-px inputs.
+        stays small next to the encoder even for 512-px inputs. ``stored_size``, the (height, width) of the
+        file when ``image`` is a reduced decode of it, sets the fitted size, so that both land on the same
+        pixel grid (rounding twice could add a row of padding, and small towers notice).
         """
         image = np.asarray(image, dtype=np.float32)
         if modality.grayscale:
             image = (image @ _CHANNEL_MEAN)[..., None]
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        h, w = x.shape[1:]
+        h, w = stored_size or x.shape[1:]
         size = self.cfg.image_size
         scale = size / max(h, w)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=scale < 1, align_corners=False)[0]
+        x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=nh < x.shape[1] or nw < x.shape[2],
+                          align_corners=False)[0]
         x = F.pad(x, ((size - nw) // 2, size - nw - (size - nw) // 2, (size - nh) // 2, size - nh - (size - nh) // 2))
         return x.expand(3, -1, -1) if x.shape[0] == 1 else x
 

@@ -89,7 +89,8 @@ class M3BindModel(nn.Module):
         tower = self.tower_for(sample.modality)
         if sample.kind == "ecg":
             return tower.preprocess(sample.data, sample.meta.get("lead_mask", [True] * sample.data.shape[0]))
-        return tower.preprocess(sample.data, get_modality(sample.modality))
+        stored = (sample.meta.get("height"), sample.meta.get("width"))
+        return tower.preprocess(sample.data, get_modality(sample.modality), stored if all(stored) else None)
 
     def encode(self, modality: str, batch: torch.Tensor) -> torch.Tensor:
         """Unit-norm embeddings of a preprocessed batch of one modality (differentiable, for training)."""
