@@ -23,6 +23,7 @@ _MAJOR = "#f4a6a6"
 _MINOR = "#fbdcdc"
 _MISSING = "#9a9a9a"
 _TEMPLATE = "none"  # no plotly theme: smaller figures over the wire, colours are set here
+_NO_THEME = {"data": {"scatter": [{"type": "scatter"}]}}  # what plotly makes of "none"
 _COLORWAY = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
              "#bcbd22", "#17becf"]
 
@@ -74,20 +75,24 @@ def ecg_figure(sample: Sample, title: str | None = None) -> go.Figure:
 
 
 def probability_figure(probabilities: dict[str, float], title: str = "") -> go.Figure:
-    """Horizontal bars, most probable finding on top, with percentages."""
+    """Horizontal bars, most probable finding on top, with percentages.
+
+    Written as plotly's JSON form and not validated property by property: the classify endpoint draws one
+    per request, and validation took a sixth of its time (``tests/test_app_api.py`` checks the figure).
+    """
     ranked = sorted(probabilities.items(), key=lambda kv: kv[1])  # plotly draws the last bar on top
     labels = [label for label, _ in ranked]
     values = [100.0 * p for _, p in ranked]
     colors = ["#1f6feb" if i == len(ranked) - 1 else "#8bb6f0" for i in range(len(ranked))]
-    fig = go.Figure(go.Bar(x=values, y=labels, orientation="h", marker_color=colors,
-                           text=[f"{v:.1f} %" for v in values], textposition="outside", cliponaxis=False,
-                           hovertemplate="%{y}: %{x:.1f} %<extra></extra>"))
-    fig.update_layout(template=_TEMPLATE, title=dict(text=title, x=0.01), height=110 + 36 * len(labels),
-                      margin=dict(l=10, r=60, t=50 if title else 10, b=30), plot_bgcolor="white",
-                      xaxis=dict(range=[0, 112], title="probability (%)", gridcolor="#eeeeee",
-                                 tickvals=[0, 25, 50, 75, 100]),
-                      yaxis=dict(automargin=True))
-    return fig
+    bars = dict(type="bar", x=values, y=labels, orientation="h", marker=dict(color=colors),
+                text=[f"{v:.1f} %" for v in values], textposition="outside", cliponaxis=False,
+                hovertemplate="%{y}: %{x:.1f} %<extra></extra>")
+    layout = dict(template=_NO_THEME, title=dict(text=title, x=0.01), height=110 + 36 * len(labels),
+                  margin=dict(l=10, r=60, t=50 if title else 10, b=30), plot_bgcolor="white",
+                  xaxis=dict(range=[0, 112], title=dict(text="probability (%)"), gridcolor="#eeeeee",
+                             tickvals=[0, 25, 50, 75, 100]),
+                  yaxis=dict(automargin=True))
+    return go.Figure(dict(data=[bars], layout=layout), _validate=False)
 
 
 def map_figure(library_map: LibraryMap, color_by: str = "modality", query: np.ndarray | None = None,
