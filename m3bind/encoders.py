@@ -32,7 +32,6 @@ class ImageTower(nn.Module):
         if "cnn_widths" in cfg.vision_cfg:
             if cfg.source:
                 raise InputError("A compact CNN tower starts from random weights; its source must be null.")
-            out_dim = dim
             self.visual = ResidualCnn(tuple(cfg.vision_cfg["cnn_widths"]), dim)
         elif cfg.source and cfg.source.startswith(PUBLISHED_PREFIXES):
             clip = open_clip.create_model(cfg.source)
