@@ -104,6 +104,21 @@ def test_image_augmentation_adds_the_black_bars_of_padded_inputs_and_keeps_the_r
     assert 5 < barred < 35  # about half of the batches
 
 
+def test_image_augmentation_flips_only_along_the_allowed_axes():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.zeros(8, 3, 32, 32)
+    images[:, :, :16, :16] = 1  # bright top-left quadrant
+    left_bright = top_bright = 0
+    for _ in range(20):
+        out = augment(images, "image", generator, flips=("horizontal",))
+        left_bright += int((out[..., :16].mean(dim=(1, 2, 3)) > out[..., 16:].mean(dim=(1, 2, 3))).sum())
+        top_bright += int((out[..., :16, :].mean(dim=(1, 2, 3)) > out[..., 16:, :].mean(dim=(1, 2, 3))).sum())
+    assert 40 < left_bright < 120  # about half of 160 images flipped left-right
+    assert top_bright == 160  # never upside down
+    plain = augment(images, "image", generator)
+    assert (plain[..., :16].mean(dim=(1, 2, 3)) > plain[..., 16:].mean(dim=(1, 2, 3))).all()
+
+
 def test_ecg_augmentation_keeps_missing_leads_empty():
     generator = torch.Generator().manual_seed(0)
     signal, mask = torch.randn(2, 12, 1000), torch.ones(2, 12, 1000)

@@ -110,9 +110,13 @@ def load_modality_data(model: M3BindModel, modality: str, datasets: Sequence[str
     return ModalityData(modality, torch.stack(inputs), captions, keys, normal)
 
 
-def augment(batch: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Label-preserving jitter: small crops, contrast and black bars (the padding a non-square image gets)
-    for images; gain, shift and noise for ECGs."""
+FLIP_DIMS = {"horizontal": -1, "vertical": -2}
+
+
+def augment(batch: torch.Tensor, kind: str, generator: torch.Generator, flips: Sequence[str] = ()) -> torch.Tensor:
+    """Label-preserving jitter: small crops, contrast, black bars (the padding a non-square image gets) and
+    the ``flips`` (of ``FLIP_DIMS``) that the modality allows, each for a random half of the images; gain,
+    shift and noise for ECGs."""
     n = batch.shape[0]
     if kind == "ecg":
         signal, mask = batch[:, :12], batch[:, 12:]
@@ -132,6 +136,9 @@ def augment(batch: torch.Tensor, kind: str, generator: torch.Generator) -> torch
         out = F.interpolate(out, size=(size, side) if tall else (side, size), mode="bilinear", align_corners=False)
         before = int(torch.randint(0, size - side + 1, (1,), generator=generator))
         out = F.pad(out, (before, size - side - before, 0, 0) if tall else (0, 0, before, size - side - before))
+    for flip in flips:
+        flipped = torch.rand(n, 1, 1, 1, generator=generator) < 0.5
+        out = torch.where(flipped, out.flip(FLIP_DIMS[flip]), out)
     contrast = 1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=generator) - 0.5)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     return ((out - mean) * contrast + mean).clamp(0, 1)
@@ -252,6 +259,7 @@ class StageConfig:
     tower_head_only: bool = False  # stage 1: adapt only the towers' output heads
     shared_batch: int = 64  # stage 1: shared texts per step
     status_captions: float = 0.0  # share of captions replaced by a modality-independent normal/abnormal one
+    flips: tuple[str, ...] = ()  # image flips (keys of FLIP_DIMS) that keep this modality's labels true
     extra: dict = field(default_factory=dict)
 
 
@@ -333,7 +341,7 @@ class _ModalityRun:
             image, text, scale = self.encoders(self.features[batch.rows], texts, head_only=True)
         else:
             inputs = self.data.inputs[batch.rows].float()
-            image, text, scale = self.encoders(augment(inputs, self.kind, self.generator), texts)
+            image, text, scale = self.encoders(augment(inputs, self.kind, self.generator, self.cfg.flips), texts)
         loss = class_aware_contrastive(image, text[:len(batch.texts)], batch.keys, scale, batch.text_keys, batch.tags)
         return loss, text[len(batch.texts):]
 
