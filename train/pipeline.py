@@ -52,6 +52,7 @@ class ModalityPlan:
     trainable_fraction: float = 1.0  # share of a pretrained trunk's parameter tensors that train
     pair_modalities: list[str] | None = None  # modalities whose pairs this tower learns from (default: its own)
     teacher: dict[str, Any] = field(default_factory=dict)  # this teacher's overrides of the teacher stage config
+    align: dict[str, Any] = field(default_factory=dict)  # its overrides of the stage 1 config (e.g. status_captions)
 
 
 @dataclass
@@ -155,7 +156,7 @@ def run(cfg: PipelineConfig) -> M3BindModel:
     def train_aligned() -> dict[str, M3BindModel]:
         shared = shared_text_corpus(cfg.data_root, max_per_source=max(1, cfg.shared_texts // 5), seed=cfg.seed)
         return align({m: copy.deepcopy(t) for m, t in teachers.items()}, training_data(), shared, cfg.align,
-                     cfg.seed, base_features)
+                     cfg.seed, base_features, {m: plan.align for m, plan in cfg.modalities.items()})
 
     def train_student() -> dict[str, M3BindModel]:
         data = training_data()

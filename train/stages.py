@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Hashable, Iterator, Sequence
 
 import numpy as np
@@ -372,8 +372,12 @@ def train_teacher(model: M3BindModel, data: ModalityData, cfg: StageConfig, seed
 
 
 def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], shared_texts: Sequence[str],
-          cfg: StageConfig, seed: int = 0, base_features: TextFeatures | None = None) -> dict[str, M3BindModel]:
-    """Stage 1: own contrastive loss per teacher + pairwise MSE of their text embeddings of shared texts."""
+          cfg: StageConfig, seed: int = 0, base_features: TextFeatures | None = None,
+          overrides: dict[str, dict] | None = None) -> dict[str, M3BindModel]:
+    """Stage 1: own contrastive loss per teacher + pairwise MSE of their text embeddings of shared texts.
+
+    ``overrides`` changes a teacher's own run (e.g. its ``status_captions`` share); the shared batch and the
+    alignment weight are common to all."""
     runs = {}
     for i, (modality, model) in enumerate(teachers.items()):
         freeze_text_body(model)
@@ -382,7 +386,8 @@ def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], share
         if cfg.lora_layers:
             add_lora(model, cfg.lora_rank, cfg.lora_layers)
         model.train()
-        runs[modality] = _ModalityRun(model, data[modality], cfg, seed + i, base_features)
+        own_cfg = replace(cfg, **(overrides or {}).get(modality, {}))
+        runs[modality] = _ModalityRun(model, data[modality], own_cfg, seed + i, base_features)
     rng = np.random.default_rng(seed)
     size = min(len(shared_texts), cfg.shared_batch * distributed.world_size())
     progress = tqdm(range(cfg.steps), desc="stage 1 align", disable=not distributed.is_main())
