@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 import m3bind
 from train.captions import STATUS_CAPTIONS
-from train.losses import class_aware_contrastive, distillation, match_matrix, pairwise_alignment, same_class_targets
+from train.losses import (
+    class_aware_contrastive, distillation, match_matrix, pairwise_alignment, relational_distillation, same_class_targets,
+)
 from train.pipeline import REPO, PipelineConfig, run
 from train.stages import ModalityData, StageConfig, augment, distill, text_only_model
 
@@ -131,6 +133,16 @@ def test_distillation_loss():
     x = unit(torch.randn(5, 8))
     assert distillation(x, x).item() == pytest.approx(0.0, abs=1e-6)
     assert distillation(x, -x).item() == pytest.approx(2.0, abs=1e-5)
+
+
+def test_relational_distillation_is_zero_only_when_the_images_choose_the_same_texts():
+    images, teacher = unit(torch.randn(6, 8)), unit(torch.randn(4, 8))
+    assert relational_distillation(images, teacher, teacher, 50.0).item() == pytest.approx(0.0, abs=1e-6)
+    swapped = teacher[[1, 0, 2, 3]]  # the same texts, two of them exchanged
+    assert relational_distillation(images, swapped, teacher, 50.0).item() > 0.1
+    student = swapped.clone().requires_grad_(True)
+    relational_distillation(images, student, teacher, 50.0).backward()
+    assert student.grad.abs().sum() > 0  # it trains the student only: the teacher's side is detached
 
 
 def test_distillation_reduces_the_student_teacher_gap_on_held_out_texts(tiny_model, shared_data):

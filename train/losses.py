@@ -6,6 +6,8 @@
 * ``pairwise_alignment``: stage 1, the sum of pairwise MSEs between the modality text encoders'
   embeddings of one shared text batch (zero when the encoders agree).
 * ``distillation``: stage 2, the student text encoder reproduces a teacher's text embeddings (cosine).
+* ``relational_distillation``: stage 2, the student also reproduces how the teacher's images choose among
+  texts, which is what zero-shot classification reads (small cosine errors matter where prompts are close).
 """
 
 from __future__ import annotations
@@ -82,3 +84,12 @@ def pairwise_alignment(text_embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
 def distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean (1 - cosine) between student and teacher embeddings of the same texts."""
     return (1 - F.cosine_similarity(student, teacher.detach(), dim=-1)).mean()
+
+
+def relational_distillation(images: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+                            logit_scale: float) -> torch.Tensor:
+    """KL divergence from the teacher's to the student's softmax over texts, for each of a batch of the
+    teacher's (fixed, unit) image embeddings."""
+    images, teacher = images.detach(), teacher.detach()
+    return F.kl_div(F.log_softmax(logit_scale * images @ student.T, dim=-1),
+                    F.log_softmax(logit_scale * images @ teacher.T, dim=-1), log_target=True, reduction="batchmean")

@@ -37,8 +37,8 @@ from m3bind.config import EcgTowerConfig, ImageTowerConfig
 from . import distributed
 from .captions import STATUS_CAPTIONS, modality_texts, shared_text_corpus
 from .stages import (
-    ModalityData, StageConfig, TextFeatures, align, bind, distill, load_modality_data, new_teacher, text_only_model,
-    train_teacher,
+    ModalityData, StageConfig, TextFeatures, align, bind, distill, item_embeddings, load_modality_data, new_teacher,
+    text_only_model, train_teacher,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,8 +169,10 @@ def run(cfg: PipelineConfig) -> M3BindModel:
                 pool = [pool[i] for i in sorted(rng.choice(len(pool), cfg.distill_texts, replace=False))]
             texts[m] = pool
         student = text_only_model(cfg.text, cfg.dim, f"{cfg.name}-student", cfg.seed).to(device)
+        images = ({m: item_embeddings(aligned[m], m, data[m].inputs) for m in names}
+                  if cfg.distill.relational_weight else None)
         distill(student, aligned, texts, cfg.distill, cfg.seed,
-                base_features if cfg.align.lora_layers == 0 else None)
+                base_features if cfg.align.lora_layers == 0 else None, images)
         return {"text": student}
 
     teachers = stage("teachers", names, train_teachers)
@@ -219,10 +221,13 @@ Text base: `{cfg.text.source}` (referenced, not copied). Training time on this r
 - Stage 1: every teacher keeps its own contrastive loss while the pairwise MSE between the teachers' embeddings
   of a shared batch of real medical text (weight {cfg.align.align_weight}) pulls their text spaces together;
   {"only the towers' output heads adapt" if cfg.align.tower_head_only else "the towers adapt"}. For
-  {cfg.align.status_captions:.0%} of the items the caption is a modality-independent one that says only
+  {cfg.align.status_captions:.0%} of the items{"".join(f" ({m}: {p.align['status_captions']:.0%})" for m, p in
+  cfg.modalities.items() if "status_captions" in p.align)} the caption is a modality-independent one that says only
   whether the study is normal ("Normal study.", "Abnormal findings.", ...), so that "abnormal" points the same
   way in every tower's part of the space.
-- Stage 2: one student text encoder reproduces every aligned teacher's text embeddings on that modality's texts.
+- Stage 2: one student text encoder reproduces every aligned teacher's text embeddings on that modality's texts{
+  f", and how the teacher's images choose among those texts (relational distillation, weight {cfg.distill.relational_weight})"
+  if cfg.distill.relational_weight else ""}.
 - Each tower's centre (its mean training embedding) is stored: cross-modal image-to-image search centres the
   query with it (`M3BindModel.centre`), which removes the offset that separates modalities.
 

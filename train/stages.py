@@ -38,7 +38,7 @@ from m3bind.config import EcgTowerConfig, ImageTowerConfig
 from . import distributed
 from .captions import STATUS_CAPTIONS
 from .data import load_dataset
-from .losses import class_aware_contrastive, distillation, pairwise_alignment
+from .losses import class_aware_contrastive, distillation, pairwise_alignment, relational_distillation
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -223,15 +223,19 @@ def body_features(model: M3BindModel, data: ModalityData, batch_size: int = 256)
 
 
 @torch.no_grad()
+def item_embeddings(model: M3BindModel, modality: str, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Unit embeddings of preprocessed training inputs (no augmentation), on the CPU."""
+    model.eval()
+    return torch.cat([model.encode(modality, inputs[i:i + batch_size].float()).cpu()
+                      for i in range(0, len(inputs), batch_size)])
+
+
 def fit_centres(model: M3BindModel, data: dict[str, ModalityData], max_items: int = 2000, seed: int = 0) -> None:
     """Each tower's centre (``M3BindModel.centre``): its mean embedding over (a sample of) its training items."""
     rng = np.random.default_rng(seed)
-    model.eval()
     for modality, d in data.items():
         rows = np.sort(rng.choice(len(d), min(max_items, len(d)), replace=False))
-        inputs = d.inputs[rows]
-        model.set_centre(modality, torch.cat([model.encode(modality, inputs[i:i + 256].float()).cpu()
-                                              for i in range(0, len(inputs), 256)]))
+        model.set_centre(modality, item_embeddings(model, modality, d.inputs[rows]))
 
 
 def freeze_tower_bottom(model: M3BindModel, modality: str, trainable_fraction: float) -> None:
@@ -259,6 +263,7 @@ class StageConfig:
     tower_head_only: bool = False  # stage 1: adapt only the towers' output heads
     shared_batch: int = 64  # stage 1: shared texts per step
     status_captions: float = 0.0  # share of captions replaced by a modality-independent normal/abnormal one
+    relational_weight: float = 0.0  # stage 2: weight of relational_distillation (needs the teachers' images)
     flips: tuple[str, ...] = ()  # image flips (keys of FLIP_DIMS) that keep this modality's labels true
     extra: dict = field(default_factory=dict)
 
@@ -419,12 +424,17 @@ def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], share
 
 
 def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[str, Sequence[str]],
-            cfg: StageConfig, seed: int = 0, base_features: TextFeatures | None = None) -> M3BindModel:
-    """Stage 2: the student's text embeddings reproduce each teacher's on that modality's texts.
+            cfg: StageConfig, seed: int = 0, base_features: TextFeatures | None = None,
+            images: dict[str, torch.Tensor] | None = None) -> M3BindModel:
+    """Stage 2: the student's text embeddings reproduce each teacher's on that modality's texts, and with
+    ``cfg.relational_weight`` also each teacher's choice among those texts for its ``images`` (its unit
+    embeddings of training items, ``item_embeddings``).
 
     ``base_features`` (pooled vectors of the shared, still frozen text base) lets teachers whose body was
     never adapted be evaluated through their projection alone.
     """
+    if cfg.relational_weight and not images:
+        raise ValueError("relational_weight needs the teachers' image embeddings (images=...).")
     with torch.no_grad():
         targets = {m: (F.normalize(t.text.proj(base_features(texts[m])), dim=-1) if base_features is not None
                        else torch.from_numpy(t.embed_text(list(texts[m]))).to(student.device))
@@ -452,6 +462,11 @@ def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[
         else:  # one process keeps its order of forwards (and so its dropout draws and results)
             embedded = {m: encoder(batch) for m, batch in batches.items()}
         loss = sum(distillation(embedded[m], target[idx[m]]) for m, target in targets.items())
+        if cfg.relational_weight:
+            rows = {m: rng.choice(len(images[m]), min(cfg.batch_size, len(images[m])), replace=False) for m in targets}
+            loss = loss + cfg.relational_weight * sum(
+                relational_distillation(images[m][rows[m]].to(student.device), embedded[m], target[idx[m]],
+                                        teachers[m].config.logit_scale) for m, target in targets.items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
