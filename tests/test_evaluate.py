@@ -52,6 +52,23 @@ def test_per_class_auc_accuracy_and_multilabel_rule():
     assert m["auc"] == 1.0 and m["accuracy"] == 1.0 and m["per_class_auc"] == [1.0, 1.0, 1.0]
 
 
+def test_bootstrap_interval_holds_the_auc_and_narrows_with_more_items():
+    def scored(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, 3, n)
+        scores = np.eye(3)[labels] + rng.normal(scale=0.8, size=(n, 3))
+        return scores, np.eye(3, dtype=bool)[labels]
+
+    small, large = scored(150, 1), scored(3000, 2)
+    lo, hi = ev.bootstrap_interval(*small)
+    assert lo < ev.classification_metrics(*small)["auc"] < hi
+    lo_large, hi_large = ev.bootstrap_interval(*large)
+    assert hi_large - lo_large < (hi - lo) / 2  # about 1/sqrt(20) as wide
+    targets = np.eye(3, dtype=bool)[[0, 1, 2, 0, 1, 2]]
+    assert ev.bootstrap_interval(targets.astype(float), targets) == [1.0, 1.0]  # perfect on every draw
+    assert ev.bootstrap_interval(np.zeros((4, 2)), np.ones((4, 2), bool)) is None  # AUC never defined
+
+
 def test_recall_and_precision_at_k():
     sim = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4],
                     [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
@@ -185,6 +202,7 @@ def test_compare_end_to_end_on_real_data(tiny_model, tiny_teachers, shared_data)
     for key in ("pneumoniamnist/xray", "retinamnist/retina", "ptbxl/ecg"):
         z = bound["zero_shot"][key]
         assert z["n"] <= TINY_RUN.max_test and 0 <= z["auc"] <= 1 and 0 <= z["accuracy"] <= 1
+        assert z["auc_ci95"][0] <= z["auc"] <= z["auc_ci95"][1]
         f = bound["few_shot"][key]
         for method in ev.FEW_SHOT_METHODS:
             assert set(f[method]) == {"1", "4"}
@@ -216,6 +234,8 @@ def test_compare_end_to_end_on_real_data(tiny_model, tiny_teachers, shared_data)
         assert heading in table
     assert "AUC counterpart" in table and "AUC unbound" in table and "| xray->ecg |" in table
     assert "mean over the pairs with counterparts" in table
+    z = bound["zero_shot"]["ptbxl/ecg"]
+    assert f"{z['auc']:.3f} ({z['auc_ci95'][0]:.2f}–{z['auc_ci95'][1]:.2f})" in table
 
 
 def test_evaluation_is_deterministic_and_refuses_the_train_split(tiny_model, shared_data):
