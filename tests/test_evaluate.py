@@ -146,6 +146,22 @@ def test_oracle_embeddings_score_perfectly_and_random_ones_at_chance():
     assert abs(cm["auc"] - 0.5) < 0.05 and abs(cm["p@10"] - cm["chance_p@10"]) < 0.05
 
 
+def test_cross_modal_bootstrap_interval_is_tight_for_oracles_and_holds_the_mean():
+    status_directions, status_a, emb_a = oracle_data(classes=2)
+    status_b = RNG.permutation(status_a)
+    emb_b = unit(status_directions[status_b] + 0.05 * RNG.normal(size=emb_a.shape))
+    oracle = {"a": (emb_a, emb_a, status_a), "b": (emb_b, emb_b, status_b)}
+    assert ev.bootstrap_pair_mean(oracle, ["a->b", "b->a"], k=10, rounds=20) == [1.0, 1.0]
+    noisy = {m: (e, e, s) for m, (e, s) in
+             {"a": (unit(emb_a + RNG.normal(size=emb_a.shape)), status_a),
+              "b": (unit(emb_b + RNG.normal(size=emb_b.shape)), status_b)}.items()}
+    mean = np.mean([ev.cross_modal_metrics(noisy[a][1], noisy[a][2], noisy[b][0], noisy[b][2])["auc"]
+                    for a, b in (("a", "b"), ("b", "a"))])
+    lo, hi = ev.bootstrap_pair_mean(noisy, ["a->b", "b->a"], k=10, rounds=50)
+    assert 0.5 < lo < mean < hi < 1
+    assert ev.bootstrap_pair_mean(noisy, [], k=10) is None
+
+
 # --------------------------------------------------------------------------- honesty on the real splits
 
 @pytest.mark.parametrize("name,modality", [("pneumoniamnist", "xray"), ("covid_cxr", "xray"),
@@ -220,6 +236,7 @@ def test_compare_end_to_end_on_real_data(tiny_model, tiny_teachers, shared_data)
     assert set(cm["pairs"]) == {f"{a}->{b}" for a in ("xray", "retina", "ecg") for b in ("xray", "retina", "ecg")
                                 if a != b}
     assert cm["mean"]["n_pairs"] == 6 and 0 <= cm["mean"]["auc"] <= 1 and 0 < cm["mean"]["chance_p@10"] < 1
+    assert cm["core_mean"]["auc_ci95"][0] <= cm["core_mean"]["auc"] <= cm["core_mean"]["auc_ci95"][1]
 
     assert set(results["counterparts"]) == {"xray", "ecg"}
     xray = results["counterparts"]["xray"]

@@ -155,11 +155,7 @@ def bootstrap_interval(scores: np.ndarray, targets: np.ndarray, rounds: int = 10
     targets = np.asarray(targets, dtype=bool)
     values = [_nanmean(per_class_auc(scores[rows], targets[rows]))
               for rows in rng.integers(0, len(scores), (rounds, len(scores)))]
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    tail = 100 * (1 - level) / 2
-    return [float(v) for v in np.percentile(values, [tail, 100 - tail])]
+    return _percentile_interval(values, level)
 
 
 def zero_shot_scores(image_emb: np.ndarray, class_emb: np.ndarray, multi_label: bool,
@@ -426,10 +422,32 @@ def cross_modal(embedders: dict[str, Embedder], sets: dict[str, EvalSet], k: int
                 continue
             pairs[f"{a}->{b}"] = cross_modal_metrics(query_a, status_a, emb_b, status_b, k)
             raw[f"{a}->{b}"] = cross_modal_metrics(emb_a, status_a, emb_b, status_b, k)
-    core = [name for name in pairs if set(name.split("->")) <= set(CORE_CROSS_MODAL)]
-    return {"pairs": pairs, "mean": pair_mean(pairs), "core_mean": pair_mean(pairs, core), "raw_mean": pair_mean(raw),
+    core = [name for name in pairs if set(name.split("->")) <= set(CORE_CROSS_MODAL) and "skipped" not in pairs[name]]
+    core_mean = {**pair_mean(pairs, core), "auc_ci95": bootstrap_pair_mean(data, core, k)}
+    return {"pairs": pairs, "mean": pair_mean(pairs), "core_mean": core_mean, "raw_mean": pair_mean(raw),
             "status_counts": {m: {"normal": int((s == 0).sum()), "abnormal": int((s == 1).sum())}
                               for m, (_, _, s) in data.items()}}
+
+
+def bootstrap_pair_mean(data: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], names: Sequence[str], k: int,
+                        rounds: int = 200, level: float = 0.95, seed: int = 0) -> list[float] | None:
+    """Percentile bootstrap interval of the mean AUC over the ordered pairs ``names`` ("a->b"): each round
+    draws every modality's items again with replacement, as queries and as searched items alike.
+
+    ``data`` maps a modality to (embeddings, centred queries, abnormal status), as in ``cross_modal``."""
+    if not names:
+        return None
+    rng = np.random.default_rng(seed)
+    means = []
+    for _ in range(rounds):
+        rows = {m: rng.integers(0, len(status), len(status)) for m, (_, _, status) in data.items()}
+        aucs = []
+        for name in names:
+            a, b = name.split("->")
+            aucs.append(cross_modal_metrics(data[a][1][rows[a]], data[a][2][rows[a]], data[b][0][rows[b]],
+                                            data[b][2][rows[b]], k)["auc"])
+        means.append(_nanmean(aucs))
+    return _percentile_interval(means, level)
 
 
 def pair_mean(pairs: dict[str, dict], names: Iterable[str] | None = None) -> dict:
@@ -575,7 +593,8 @@ def markdown_table(results: dict) -> str:
         unbound = results.get("unbound_cross_modal", {})
         ucols = ["bound"] + (["unbound"] if unbound else [])
         lines += ["", "### Cross-modal image-to-image retrieval (same normal/abnormal status as the query; "
-                  "means balanced over normal and abnormal queries; queries centred by their modality's mean)", "",
+                  "means balanced over normal and abnormal queries; queries centred by their modality's mean; "
+                  "the core mean with its 95% bootstrap interval over items)", "",
                   _row(["query -> library", *[f"AUC {c}" for c in ucols], *[f"P@{k} {c}" for c in ucols],
                         f"chance P@{k}"]),
                   _row(["---"] * (2 + 2 * len(ucols)))]
@@ -592,7 +611,7 @@ def markdown_table(results: dict) -> str:
         for pair, r in rows:
             u = {mean_row: unbound.get("mean"), raw_row: unbound.get("raw_mean"), core_row: unbound.get("core_mean")}.get(
                 pair, unbound.get("pairs", {}).get(pair)) or {}
-            lines.append(_row([pair, _fmt(r.get("auc")), *([_fmt(u.get("auc"))] if unbound else []),
+            lines.append(_row([pair, _fmt_ci(r), *([_fmt_ci(u)] if unbound else []),
                                _fmt(r.get(f"p@{k}")), *([_fmt(u.get(f"p@{k}"))] if unbound else []),
                                _fmt(r.get(f"chance_p@{k}"))]))
     return "\n".join(lines) + "\n"
@@ -632,6 +651,14 @@ def _n_defined_classes(targets: np.ndarray) -> int:
     """Classes with both positives and negatives among the items (where an AUC exists)."""
     n_pos = np.asarray(targets, bool).sum(0)
     return int(((n_pos > 0) & (n_pos < len(targets))).sum())
+
+
+def _percentile_interval(values: Sequence[float | None], level: float) -> list[float] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    tail = 100 * (1 - level) / 2
+    return [float(v) for v in np.percentile(values, [tail, 100 - tail])]
 
 
 def _nanmean(values) -> float | None:
