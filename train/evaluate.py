@@ -558,7 +558,8 @@ def markdown_table(results: dict) -> str:
     lines = [f"Model `{bound['model']['name']}`, split `{bound['split']}`"
              + (f"; counterparts: {named}" if counterparts else "") + "."]
     if "zero_shot" in bound:
-        lines += ["", "### Zero-shot classification (prompt ensembles; AUC with its 95% bootstrap interval over items)", "",
+        lines += ["", "### Zero-shot classification (prompt ensembles; AUC with its 95% bootstrap interval over "
+                  "items)", "",
                   _row(["dataset", "modality", "n", *[f"AUC {c}" for c in cols], *[f"ACC {c}" for c in cols]]),
                   _row(["---"] * (3 + 2 * len(cols)))]
         for key, r in bound["zero_shot"].items():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Hashable, Iterator, Sequence
 
@@ -55,13 +56,25 @@ class ModalityData:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def batches(self, batch_size: int, rng: np.random.Generator, status_rate: float = 0.0) -> Iterator[Batch]:
+    def batches(self, batch_size: int, rng: np.random.Generator, status_rate: float = 0.0,
+                class_balance: float = 0.0) -> Iterator[Batch]:
         """Endless shuffled batches with one randomly drawn caption per item; with probability
-        ``status_rate`` an item's caption is instead a ``STATUS_CAPTIONS`` one (keyed by the status)."""
+        ``status_rate`` an item's caption is instead a ``STATUS_CAPTIONS`` one (keyed by the status).
+
+        ``class_balance`` > 0 draws each batch with item weights (its class's item count) ** -class_balance
+        instead of passing through epochs: a macro AUC counts a rare class (a retina grade) as much as a common one."""
+        weights = None
+        if class_balance:
+            counts = Counter(self.keys)
+            weights = np.array([counts[k] ** -class_balance for k in self.keys])
+            weights /= weights.sum()
         while True:
-            order = rng.permutation(len(self))
-            for start in range(0, len(order) - batch_size + 1, batch_size):
-                idx = order[start:start + batch_size]
+            if weights is None:
+                order = rng.permutation(len(self))
+                chunks = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+            else:
+                chunks = [np.sort(rng.choice(len(self), batch_size, replace=False, p=weights))]
+            for idx in chunks:
                 keys = [self.keys[i] for i in idx]
                 tags = [("status", self.normal[i]) for i in idx]
                 texts, text_keys = [], []
@@ -265,6 +278,7 @@ class StageConfig:
     status_captions: float = 0.0  # share of captions replaced by a modality-independent normal/abnormal one
     relational_weight: float = 0.0  # stage 2: weight of relational_distillation (needs the teachers' images)
     flips: tuple[str, ...] = ()  # image flips (keys of FLIP_DIMS) that keep this modality's labels true
+    class_balance: float = 0.0  # batches favour rare classes: item weight (class count) ** -class_balance
     extra: dict = field(default_factory=dict)
 
 
@@ -333,7 +347,7 @@ class _ModalityRun:
         seed = distributed.rank_seed(seed)
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator().manual_seed(seed)
-        self.batches = data.batches(min(cfg.batch_size, len(data)), self.rng, cfg.status_captions)
+        self.batches = data.batches(min(cfg.batch_size, len(data)), self.rng, cfg.status_captions, cfg.class_balance)
         # a head-only run never changes the body: its features are computed once, without augmentation
         self.features = body_features(model, data) if cfg.tower_head_only else None
         self.encoders = distributed.wrap(_PairPath(model, self.cache, data.modality, self.log_scale))
