@@ -217,7 +217,9 @@ Text base: `{cfg.text.source}` (referenced, not copied). Training time on this r
 
 ## How it was bound
 - Teachers: one CLIP-like model per modality (its tower + its own projection of the frozen text base), trained
-  with a class-aware contrastive loss on captions written from the labels and the datasets' real free text.
+  with a class-aware contrastive loss on captions written from the labels and the datasets' real free text{
+  "".join(f"; {m} batches favour rare classes (item weight: class count ** -{p.teacher['class_balance']})"
+          for m, p in cfg.modalities.items() if p.teacher.get("class_balance"))}.
 - Stage 1: every teacher keeps its own contrastive loss while the pairwise MSE between the teachers' embeddings
   of a shared batch of real medical text (weight {cfg.align.align_weight}) pulls their text spaces together;
   {"only the towers' output heads adapt" if cfg.align.tower_head_only else "the towers adapt"}. For
