@@ -93,7 +93,6 @@ def test_batches_mix_in_status_captions_only_for_items_with_a_known_status():
     assert not any(t in status_texts for _ in range(5) for t in next(none).texts)
 
 
-
 def test_class_balanced_batches_favour_rare_classes_by_the_chosen_power():
     keys = [("g", 0)] * 90 + [("g", 1)] * 10
     data = ModalityData("retina", torch.zeros(100, 3, 4, 4), [("x",)] * 100, keys, [None] * 100)
@@ -108,6 +107,7 @@ def test_class_balanced_batches_favour_rare_classes_by_the_chosen_power():
     assert plain == pytest.approx(0.10, abs=1e-9)  # epochs: every item once per pass
     assert root == pytest.approx(0.25, abs=0.03)  # weights 1/sqrt(count): 10/sqrt(10) vs 90/sqrt(90)
     assert 0.4 < full < 0.5  # each class about equally often (a little less: no item twice in a batch)
+
 
 def test_image_augmentation_adds_the_black_bars_of_padded_inputs_and_keeps_the_range():
     generator = torch.Generator().manual_seed(0)
