@@ -92,7 +92,7 @@ def test_torchrun_trains_the_tiny_pipeline_with_ranks_in_step_and_resumes(tmp_pa
         assert (tmp_path / "run" / stage / "DONE").is_file()
 
     model = m3bind.load_model(tmp_path / "export", device="cpu")
-    assert sorted(model.modalities) == ["ecg", "ultrasound", "xray"]
+    assert sorted(model.modalities) == ["ecg", "retina", "ultrasound", "xray"]
     ecg = m3bind.load_input(sorted((shared_data / "ecg" / "ptbxl").rglob("*.hea"))[0])
     assert np.isfinite(model.embed(ecg)).all()
 

@@ -18,7 +18,7 @@ from train.losses import (
     class_aware_contrastive, distillation, match_matrix, pairwise_alignment, relational_distillation, same_class_targets,
 )
 from train.pipeline import REPO, PipelineConfig, run
-from train.stages import ModalityData, StageConfig, augment, distill, text_only_model
+from train.stages import ModalityData, StageConfig, augment, copy_trunk, distill, new_teacher, text_only_model
 
 
 def unit(x):
@@ -176,6 +176,31 @@ def test_distillation_reduces_the_student_teacher_gap_on_held_out_texts(tiny_mod
     distill(student, {"xray": teacher}, {"xray": train_texts}, StageConfig(steps=80, batch_size=64, lr=1e-2))
     after = gap()
     assert after < 0.5 * before, (before, after)
+
+
+def test_a_teacher_starts_from_another_teachers_trunk_but_keeps_its_own_head(tiny_config):
+    def teacher(modality, widths, seed):
+        tower = m3bind.ImageTowerConfig(source=None, image_size=32, vision_cfg={"cnn_widths": widths})
+        return new_teacher(modality, tower, tiny_config.dim, tiny_config.text, seed)
+
+    source, target = teacher("xray", [8, 16], 0), teacher("ultrasound", [8, 16], 1)
+    head_before = copy.deepcopy(target.tower_for("ultrasound").visual.head.state_dict())
+    copy_trunk(target, "ultrasound", source, "xray")
+    copied, original = (m.tower_for(x).visual for m, x in ((target, "ultrasound"), (source, "xray")))
+    for name, value in original.trunk.state_dict().items():
+        torch.testing.assert_close(copied.trunk.state_dict()[name], value, rtol=0, atol=0)
+    for name, value in head_before.items():
+        torch.testing.assert_close(copied.head.state_dict()[name], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="layouts differ"):
+        copy_trunk(teacher("retina", [8, 32], 2), "retina", source, "xray")
+
+
+def test_trunk_from_must_name_a_modality_listed_before(tmp_path):
+    config = (REPO / "train" / "configs" / "tiny.yaml").read_text()
+    later = tmp_path / "later.yaml"
+    later.write_text(config.replace("trunk_from: ultrasound", "trunk_from: ecg"))
+    with pytest.raises(ValueError, match="trunk_from"):
+        PipelineConfig.from_yaml(later)
 
 
 @pytest.fixture(scope="module")

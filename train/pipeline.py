@@ -37,8 +37,8 @@ from m3bind.config import EcgTowerConfig, ImageTowerConfig
 from . import distributed
 from .captions import STATUS_CAPTIONS, modality_texts, shared_text_corpus
 from .stages import (
-    ModalityData, StageConfig, TextFeatures, align, bind, distill, item_embeddings, load_modality_data, new_teacher,
-    text_only_model, train_teacher,
+    ModalityData, StageConfig, TextFeatures, align, bind, copy_trunk, distill, item_embeddings, load_modality_data,
+    new_teacher, text_only_model, train_teacher,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +51,7 @@ class ModalityPlan:
     max_items: int | None = None
     trainable_fraction: float = 1.0  # share of a pretrained trunk's parameter tensors that train
     pair_modalities: list[str] | None = None  # modalities whose pairs this tower learns from (default: its own)
+    trunk_from: str | None = None  # a modality listed earlier whose trained teacher trunk this tower starts from
     teacher: dict[str, Any] = field(default_factory=dict)  # this teacher's overrides of the teacher stage config
     align: dict[str, Any] = field(default_factory=dict)  # its overrides of the stage 1 config (e.g. status_captions)
 
@@ -83,6 +84,9 @@ class PipelineConfig:
             tower = dict(plan.pop("tower", {}))
             tower_cls = EcgTowerConfig if tower.get("kind") == "ecg" else ImageTowerConfig
             modalities[name] = ModalityPlan(tower=tower_cls(**tower), **plan)
+            source = modalities[name].trunk_from
+            if source is not None and (source == name or source not in modalities):
+                raise ValueError(f"{name}: trunk_from must name a modality listed before it, not {source!r}.")
         stages = {k: StageConfig(**raw.pop(k, {})) for k in ("teacher", "align", "distill")}
         return cls(run_dir=REPO / raw.pop("run_dir"), export_dir=REPO / raw.pop("export_dir"),
                    modalities=modalities, text=TextTowerConfig(**raw.pop("text", {})), **stages, **raw)
@@ -149,6 +153,8 @@ def run(cfg: PipelineConfig) -> M3BindModel:
         data = training_data()
         for i, m in enumerate(names):
             plan = cfg.modalities[m]
+            if plan.trunk_from:
+                copy_trunk(teachers[m], m, teachers[plan.trunk_from], plan.trunk_from)
             train_teacher(teachers[m], data[m], dataclasses.replace(cfg.teacher, **plan.teacher), cfg.seed + i,
                           plan.trainable_fraction, base_features)
         return teachers
@@ -219,7 +225,9 @@ Text base: `{cfg.text.source}` (referenced, not copied). Training time on this r
 - Teachers: one CLIP-like model per modality (its tower + its own projection of the frozen text base), trained
   with a class-aware contrastive loss on captions written from the labels and the datasets' real free text{
   "".join(f"; {m} batches favour rare classes (item weight: class count ** -{p.teacher['class_balance']})"
-          for m, p in cfg.modalities.items() if p.teacher.get("class_balance"))}.
+          for m, p in cfg.modalities.items() if p.teacher.get("class_balance"))}{
+  "".join(f"; the {m} tower starts from the trained {p.trunk_from} teacher's trunk"
+          for m, p in cfg.modalities.items() if p.trunk_from)}.
 - Stage 1: every teacher keeps its own contrastive loss while the pairwise MSE between the teachers' embeddings
   of a shared batch of real medical text (weight {cfg.align.align_weight}) pulls their text spaces together;
   {"only the towers' output heads adapt" if cfg.align.tower_head_only else "the towers adapt"}. For

@@ -251,6 +251,21 @@ def fit_centres(model: M3BindModel, data: dict[str, ModalityData], max_items: in
         model.set_centre(modality, item_embeddings(model, modality, d.inputs[rows]))
 
 
+@torch.no_grad()
+def copy_trunk(target: M3BindModel, modality: str, source: M3BindModel, source_modality: str) -> None:
+    """Start ``modality``'s tower from another teacher's trained trunk (transfer from a larger set of similar
+    images); its output head stays new, since it maps into the target's own text space."""
+    trunks = [getattr(getattr(m.tower_for(x), "visual", None), "trunk", None)
+              for m, x in ((target, modality), (source, source_modality))]
+    if None in trunks:
+        raise ValueError(f"Only image towers with a trunk can share one ({modality} from {source_modality}).")
+    try:
+        trunks[0].load_state_dict(trunks[1].state_dict())
+    except RuntimeError as error:
+        raise ValueError(f"The {modality} tower cannot start from the {source_modality} trunk: their layouts "
+                         f"differ ({str(error).splitlines()[0]})") from error
+
+
 def freeze_tower_bottom(model: M3BindModel, modality: str, trainable_fraction: float) -> None:
     """Train only the top ``trainable_fraction`` of a pretrained trunk's parameter tensors (and its head)."""
     tower = model.tower_for(modality)
