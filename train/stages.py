@@ -251,12 +251,16 @@ def fit_centres(model: M3BindModel, data: dict[str, ModalityData], max_items: in
         model.set_centre(modality, item_embeddings(model, modality, d.inputs[rows]))
 
 
+def _image_trunk(model: M3BindModel, modality: str) -> nn.Module | None:
+    """The trunk below the output head of an image tower built on open_clip/timm or the compact CNN."""
+    return getattr(getattr(model.tower_for(modality), "visual", None), "trunk", None)
+
+
 @torch.no_grad()
 def copy_trunk(target: M3BindModel, modality: str, source: M3BindModel, source_modality: str) -> None:
     """Start ``modality``'s tower from another teacher's trained trunk (transfer from a larger set of similar
     images); its output head stays new, since it maps into the target's own text space."""
-    trunks = [getattr(getattr(m.tower_for(x), "visual", None), "trunk", None)
-              for m, x in ((target, modality), (source, source_modality))]
+    trunks = [_image_trunk(target, modality), _image_trunk(source, source_modality)]
     if None in trunks:
         raise ValueError(f"Only image towers with a trunk can share one ({modality} from {source_modality}).")
     try:
@@ -268,8 +272,7 @@ def copy_trunk(target: M3BindModel, modality: str, source: M3BindModel, source_m
 
 def freeze_tower_bottom(model: M3BindModel, modality: str, trainable_fraction: float) -> None:
     """Train only the top ``trainable_fraction`` of a pretrained trunk's parameter tensors (and its head)."""
-    tower = model.tower_for(modality)
-    trunk = getattr(getattr(tower, "visual", None), "trunk", None)
+    trunk = _image_trunk(model, modality)
     if trunk is None or trainable_fraction >= 1:
         return
     params = list(trunk.parameters())
