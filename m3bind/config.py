@@ -30,6 +30,8 @@ class ImageTowerConfig:
         """One line for model cards."""
         if "cnn_widths" in self.vision_cfg:
             arch = f"residual CNN ({'-'.join(map(str, self.vision_cfg['cnn_widths']))})"
+            members = self.vision_cfg.get("cnn_members", 1)
+            arch += f" x {members}, outputs averaged" if members > 1 else ""
         else:
             arch = self.vision_cfg.get("timm_model_name") or "open_clip vision tower"
         start = f"from `{self.source}`" if self.source else "from scratch"

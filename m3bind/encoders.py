@@ -2,7 +2,7 @@
 
 Image towers are open_clip vision towers (timm-backed or open_clip's own architectures, or the visual
 half of a published open_clip checkpoint) followed by a projection to D, or a compact residual CNN trained
-from scratch (for small images, where an upsampled ImageNet trunk gains little). The ECG tower is a 1-D
+from scratch (for small images, where an upsampled ImageNet trunk gains little), or the mean of several. The ECG tower is a 1-D
 residual CNN over the canonical 12-lead form. The text tower is a transformers encoder with pooling and a
 projection to D.
 """
@@ -32,7 +32,10 @@ class ImageTower(nn.Module):
         if "cnn_widths" in cfg.vision_cfg:
             if cfg.source:
                 raise InputError("A compact CNN tower starts from random weights; its source must be null.")
-            self.visual = ResidualCnn(tuple(cfg.vision_cfg["cnn_widths"]), dim)
+            widths, members = tuple(cfg.vision_cfg["cnn_widths"]), cfg.vision_cfg.get("cnn_members", 1)
+            if not isinstance(members, int) or members < 1:
+                raise InputError(f"cnn_members must be a whole number of at least 1, not {members!r}.")
+            self.visual = ResidualCnn(widths, dim) if members == 1 else CnnEnsemble(widths, dim, members)
         elif cfg.source and cfg.source.startswith(PUBLISHED_PREFIXES):
             clip = open_clip.create_model(cfg.source)
             preprocess = open_clip.get_model_preprocess_cfg(clip)
@@ -151,6 +154,58 @@ class ResidualCnn(nn.Module):
         blocks = [_ResidualBlock(a, b, 3, 2, dims=2) for a, b in zip(widths, widths[1:])]
         self.trunk = nn.Sequential(stem, *blocks, _MeanMaxPool())
         self.head = nn.Linear(2 * widths[-1], out_dim)
+
+
+class _MemberTrunks(nn.Module):
+    """The members' trunks side by side (features concatenated), or only the selected one's."""
+
+    def __init__(self, trunks: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(trunks)
+        self.selected: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.selected is not None:
+            return self.parts[self.selected](x)
+        return torch.cat([trunk(x) for trunk in self.parts], dim=1)
+
+
+class _MemberHeads(nn.Module):
+    """The mean of the members' unit outputs, each head reading its own trunk's slice of the features."""
+
+    def __init__(self, heads: list[nn.Linear]):
+        super().__init__()
+        self.parts = nn.ModuleList(heads)
+        self.selected: int | None = None
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.selected is not None:
+            return self.parts[self.selected](features)
+        chunks = features.chunk(len(self.parts), dim=1)
+        return torch.stack([F.normalize(head(c), dim=-1) for head, c in zip(self.parts, chunks)]).mean(0)
+
+
+class CnnEnsemble(nn.Module):
+    """Several compact CNNs behind one tower: the mean of their unit outputs.
+
+    A few hundred small images leave a lot to the seed; members trained one after another into the same
+    text space (``select`` one, train it) average out much of it. With none selected the tower is the mean,
+    and ``trunk``/``head`` keep the body/head split (stage 1 trains all heads on all members' features).
+    """
+
+    def __init__(self, widths: tuple[int, ...], out_dim: int, members: int):
+        super().__init__()
+        nets = [ResidualCnn(widths, out_dim) for _ in range(members)]
+        self.trunk = _MemberTrunks([net.trunk for net in nets])
+        self.head = _MemberHeads([net.head for net in nets])
+
+    @property
+    def members(self) -> int:
+        return len(self.head.parts)
+
+    def select(self, member: int | None) -> None:
+        """Route inputs through one member only (to train it), or through all (None)."""
+        self.trunk.selected = self.head.selected = member
 
 
 class EcgTower(nn.Module):

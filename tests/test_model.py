@@ -4,6 +4,7 @@ towers loaded from locally saved checkpoints in the published open_clip and Hugg
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -119,6 +120,10 @@ def test_compact_cnn_tower_splits_into_body_and_head_and_starts_from_random_weig
     assert tower.base_keys() == set()
     with pytest.raises(m3bind.InputError, match="random weights"):
         ImageTower(m3bind.ImageTowerConfig(vision_cfg={"cnn_widths": (8,)}), 24)
+    ensemble = ImageTower(dataclasses.replace(cfg, vision_cfg={"cnn_widths": (8, 16, 32), "cnn_members": 3}), 24)
+    assert ensemble.body(pixels).shape == (2, 3 * 64)  # every member's features, side by side
+    with pytest.raises(m3bind.InputError, match="cnn_members"):
+        ImageTower(dataclasses.replace(cfg, vision_cfg={"cnn_widths": (8,), "cnn_members": 0}), 24)
 
 
 def test_fine_tuned_base_weights_are_saved(tiny_model, tmp_path):

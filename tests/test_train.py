@@ -18,7 +18,9 @@ from train.losses import (
     class_aware_contrastive, distillation, match_matrix, pairwise_alignment, relational_distillation, same_class_targets,
 )
 from train.pipeline import REPO, PipelineConfig, run
-from train.stages import ModalityData, StageConfig, augment, copy_trunk, distill, new_teacher, text_only_model
+from train.stages import (
+    ModalityData, StageConfig, augment, copy_trunk, distill, new_teacher, text_only_model, training_member,
+)
 
 
 def unit(x):
@@ -193,6 +195,37 @@ def test_a_teacher_starts_from_another_teachers_trunk_but_keeps_its_own_head(tin
         torch.testing.assert_close(copied.head.state_dict()[name], value, rtol=0, atol=0)
     with pytest.raises(ValueError, match="layouts differ"):
         copy_trunk(teacher("retina", [8, 32], 2), "retina", source, "xray")
+
+
+def test_an_ensemble_tower_averages_its_members_and_trains_one_at_a_time_into_the_first_ones_text_space(
+        tiny_config):
+    def teacher(modality, members, seed):
+        vision = {"cnn_widths": [8, 16], "cnn_members": members}
+        tower = m3bind.ImageTowerConfig(source=None, image_size=32, vision_cfg=vision)
+        return new_teacher(modality, tower, tiny_config.dim, tiny_config.text, seed).eval()
+
+    model = teacher("ultrasound", 2, 0)
+    tower = model.tower_for("ultrasound")
+    pixels = torch.rand(4, 3, 32, 32)
+    members = []
+    for member in range(2):
+        with training_member(model, "ultrasound", member):
+            model.config.logit_scale = 5.0 + member
+            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+            assert any(f"parts.{member}." in name for name in trainable)
+            assert all(f"parts.{member}." in name or name.startswith("text.") for name in trainable)
+            assert any(name.startswith("text.") for name in trainable) == (member == 0)
+            members.append(F.normalize(tower(pixels), dim=-1))
+    assert model.config.logit_scale == 5.0  # the first member's temperature stands
+    assert all(p.requires_grad for p in model.parameters())
+    assert not torch.allclose(members[0], members[1])
+    torch.testing.assert_close(tower(pixels), (members[0] + members[1]) / 2)
+
+    source = teacher("xray", 1, 1)
+    copy_trunk(model, "ultrasound", source, "xray")  # from a single trunk: every member starts from it
+    for part in tower.visual.trunk.parts:
+        for name, value in source.tower_for("xray").visual.trunk.state_dict().items():
+            torch.testing.assert_close(part.state_dict()[name], value, rtol=0, atol=0)
 
 
 def test_trunk_from_must_name_a_modality_listed_before(tmp_path):

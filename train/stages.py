@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Hashable, Iterator, Sequence
 
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from m3bind import M3BindModel, ModelConfig, Sample, TextTowerConfig
 from m3bind.config import EcgTowerConfig, ImageTowerConfig
+from m3bind.encoders import CnnEnsemble
 
 from . import distributed
 from .captions import STATUS_CAPTIONS
@@ -251,6 +253,35 @@ def fit_centres(model: M3BindModel, data: dict[str, ModalityData], max_items: in
         model.set_centre(modality, item_embeddings(model, modality, d.inputs[rows]))
 
 
+def _ensemble(model: M3BindModel, modality: str) -> CnnEnsemble | None:
+    visual = getattr(model.tower_for(modality), "visual", None)
+    return visual if isinstance(visual, CnnEnsemble) else None
+
+
+@contextmanager
+def training_member(model: M3BindModel, modality: str, member: int) -> Iterator[None]:
+    """Inputs go through one member of an ensemble tower and only it trains. Members after the first learn
+    into the first one's text space: the text projection and the temperature stay as it left them."""
+    ensemble = _ensemble(model, modality)
+    frozen = [p for j in range(ensemble.members) if j != member
+              for part in (ensemble.trunk.parts[j], ensemble.head.parts[j]) for p in part.parameters()]
+    if member:
+        frozen += list(model.text.parameters())
+    trainable = [p.requires_grad for p in frozen]
+    logit_scale = model.config.logit_scale
+    ensemble.select(member)
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        ensemble.select(None)
+        for p, was in zip(frozen, trainable):
+            p.requires_grad_(was)
+        if member:
+            model.config.logit_scale = logit_scale
+
+
 def _image_trunk(model: M3BindModel, modality: str) -> nn.Module | None:
     """The trunk below the output head of an image tower built on open_clip/timm or the compact CNN."""
     return getattr(getattr(model.tower_for(modality), "visual", None), "trunk", None)
@@ -263,8 +294,11 @@ def copy_trunk(target: M3BindModel, modality: str, source: M3BindModel, source_m
     trunks = [_image_trunk(target, modality), _image_trunk(source, source_modality)]
     if None in trunks:
         raise ValueError(f"Only image towers with a trunk can share one ({modality} from {source_modality}).")
-    try:
-        trunks[0].load_state_dict(trunks[1].state_dict())
+    single_source = _ensemble(source, source_modality) is None
+    members = _ensemble(target, modality)
+    try:  # every member of an ensemble starts from a single source trunk
+        for trunk in members.trunk.parts if members and single_source else trunks[:1]:
+            trunk.load_state_dict(trunks[1].state_dict())
     except RuntimeError as error:
         raise ValueError(f"The {modality} tower cannot start from the {source_modality} trunk: their layouts "
                          f"differ ({str(error).splitlines()[0]})") from error
@@ -399,11 +433,16 @@ def train_teacher(model: M3BindModel, data: ModalityData, cfg: StageConfig, seed
                   trainable_fraction: float = 1.0, base_features: TextFeatures | None = None) -> M3BindModel:
     freeze_text_body(model)
     freeze_tower_bottom(model, data.modality, trainable_fraction)
-    model.train()
-    run = _ModalityRun(model, data, cfg, seed, base_features)
-    for _ in tqdm(range(cfg.steps), desc=f"teacher {data.modality}", disable=not distributed.is_main()):
-        run.step(run.contrastive_loss()[0])
-    run.finish()
+    ensemble = _ensemble(model, data.modality)
+    members = ensemble.members if ensemble else 1
+    for member in range(members):
+        label = f"teacher {data.modality}" + (f" {member + 1}/{members}" if ensemble else "")
+        with training_member(model, data.modality, member) if ensemble else nullcontext():
+            model.train()
+            run = _ModalityRun(model, data, cfg, seed + 1000 * member, base_features)
+            for _ in tqdm(range(cfg.steps), desc=label, disable=not distributed.is_main()):
+                run.step(run.contrastive_loss()[0])
+            run.finish()
     fit_centres(model, {data.modality: data}, seed=seed)
     return model
 
