@@ -227,7 +227,9 @@ Text base: `{cfg.text.source}` (referenced, not copied). Training time on this r
   "".join(f"; {m} batches favour rare classes (item weight: class count ** -{p.teacher['class_balance']})"
           for m, p in cfg.modalities.items() if p.teacher.get("class_balance"))}{
   "".join(f"; the {m} tower starts from the trained {p.trunk_from} teacher's trunk"
-          for m, p in cfg.modalities.items() if p.trunk_from)}.
+          for m, p in cfg.modalities.items() if p.trunk_from)}{
+  "".join(f"; the {m} tower's {n} CNNs train one after another (each later one into the first one's text space)"
+          for m, p in cfg.modalities.items() if (n := getattr(p.tower, "vision_cfg", {}).get("cnn_members", 1)) > 1)}.
 - Stage 1: every teacher keeps its own contrastive loss while the pairwise MSE between the teachers' embeddings
   of a shared batch of real medical text (weight {cfg.align.align_weight}) pulls their text spaces together;
   {"only the towers' output heads adapt" if cfg.align.tower_head_only else "the towers adapt"}. For
