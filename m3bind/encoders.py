@@ -156,13 +156,17 @@ class ResidualCnn(nn.Module):
         self.head = nn.Linear(2 * widths[-1], out_dim)
 
 
-class _MemberTrunks(nn.Module):
-    """The members' trunks side by side (features concatenated), or only the selected one's."""
+class _Members(nn.Module):
+    """One part per ensemble member; ``selected`` routes everything through one member only."""
 
-    def __init__(self, trunks: list[nn.Module]):
+    def __init__(self, parts: list[nn.Module]):
         super().__init__()
-        self.parts = nn.ModuleList(trunks)
+        self.parts = nn.ModuleList(parts)
         self.selected: int | None = None
+
+
+class _MemberTrunks(_Members):
+    """The members' trunks side by side (features concatenated), or only the selected one's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.selected is not None:
@@ -170,13 +174,8 @@ class _MemberTrunks(nn.Module):
         return torch.cat([trunk(x) for trunk in self.parts], dim=1)
 
 
-class _MemberHeads(nn.Module):
+class _MemberHeads(_Members):
     """The mean of the members' unit outputs, each head reading its own trunk's slice of the features."""
-
-    def __init__(self, heads: list[nn.Linear]):
-        super().__init__()
-        self.parts = nn.ModuleList(heads)
-        self.selected: int | None = None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.selected is not None:
