@@ -2,9 +2,9 @@
 
 Image towers are open_clip vision towers (timm-backed or open_clip's own architectures, or the visual
 half of a published open_clip checkpoint) followed by a projection to D, or a compact residual CNN trained
-from scratch (for small images, where an upsampled ImageNet trunk gains little), or the mean of several. The ECG tower is a 1-D
-residual CNN over the canonical 12-lead form. The text tower is a transformers encoder with pooling and a
-projection to D.
+from scratch (for small images, where an upsampled ImageNet trunk gains little), or the mean of several.
+The ECG tower is a 1-D residual CNN over the canonical 12-lead form. The text tower is a transformers
+encoder with pooling and a projection to D.
 """
 
 from __future__ import annotations
