@@ -17,7 +17,7 @@ from train.captions import STATUS_CAPTIONS
 from train.losses import (
     class_aware_contrastive, distillation, match_matrix, pairwise_alignment, relational_distillation, same_class_targets,
 )
-from train.pipeline import REPO, PipelineConfig, run
+from train.pipeline import REPO, PipelineConfig, class_prompt_sets, run
 from train.stages import (
     ModalityData, StageConfig, augment, copy_trunk, distill, new_teacher, text_only_model, training_member,
 )
@@ -178,6 +178,32 @@ def test_distillation_reduces_the_student_teacher_gap_on_held_out_texts(tiny_mod
     distill(student, {"xray": teacher}, {"xray": train_texts}, StageConfig(steps=80, batch_size=64, lr=1e-2))
     after = gap()
     assert after < 0.5 * before, (before, after)
+
+
+def test_class_prompt_distillation_keeps_how_the_teachers_images_choose_among_the_classes(tiny_model, shared_data):
+    from train.captions import shared_text_corpus
+
+    teacher = copy.deepcopy(tiny_model)
+    texts = shared_text_corpus(shared_data, max_per_source=40, seed=0)
+    sets = class_prompt_sets(["retinamnist"], "retina", shared_data)
+    assert [len(classes) for classes in sets] == [5] and all(len(prompts) > 1 for prompts in sets[0])
+    images = unit(torch.randn(64, tiny_model.dim, generator=torch.Generator().manual_seed(0)))
+
+    def classes(model):
+        return unit(torch.stack([torch.from_numpy(model.embed_text(prompts)).mean(0) for prompts in sets[0]]))
+
+    def gap(class_weight: float) -> float:
+        student = text_only_model(tiny_model.config.text, tiny_model.dim, "student", seed=1)
+        distill(student, {"retina": teacher}, {"retina": texts}, StageConfig(
+            steps=30, batch_size=64, lr=1e-2, class_weight=class_weight), images={"retina": images},
+            class_prompts={"retina": sets})
+        return relational_distillation(images, classes(student), classes(teacher), 100.0).item()
+
+    without, with_classes = gap(0.0), gap(5.0)
+    assert with_classes < 0.5 * without, (without, with_classes)
+    with pytest.raises(ValueError, match="class_weight"):
+        distill(text_only_model(tiny_model.config.text, tiny_model.dim, "student", seed=1), {"retina": teacher},
+                {"retina": texts}, StageConfig(steps=1, class_weight=1.0), images={"retina": images})
 
 
 def test_a_teacher_starts_from_another_teachers_trunk_but_keeps_its_own_head(tiny_config):

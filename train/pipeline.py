@@ -36,6 +36,7 @@ from m3bind.config import EcgTowerConfig, ImageTowerConfig
 
 from . import distributed
 from .captions import STATUS_CAPTIONS, modality_texts, shared_text_corpus
+from .data import load_dataset
 from .stages import (
     ModalityData, StageConfig, TextFeatures, align, bind, copy_trunk, distill, item_embeddings, load_modality_data,
     new_teacher, text_only_model, train_teacher,
@@ -102,6 +103,12 @@ def _save_stage(models: dict[str, M3BindModel], directory: Path, seconds: float)
             model.save_pretrained(directory / name)
         (directory / "DONE").write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
     distributed.barrier()  # no rank looks for the next checkpoint before this one is complete
+
+
+def class_prompt_sets(datasets: list[str], modality: str, data_root: Path | None) -> list[list[list[str]]]:
+    """Per training dataset with a choice to make (two classes or more): its classes' prompt ensembles."""
+    sets = [list(load_dataset(d, "train", data_root).prompts(modality).values()) for d in datasets]
+    return [s for s in sets if len(s) > 1]
 
 
 def _stage_seconds(directory: Path) -> float:
@@ -176,9 +183,11 @@ def run(cfg: PipelineConfig) -> M3BindModel:
             texts[m] = pool
         student = text_only_model(cfg.text, cfg.dim, f"{cfg.name}-student", cfg.seed).to(device)
         images = ({m: item_embeddings(aligned[m], m, data[m].inputs) for m in names}
-                  if cfg.distill.relational_weight else None)
+                  if cfg.distill.relational_weight or cfg.distill.class_weight else None)
+        class_prompts = ({m: class_prompt_sets(plan.datasets, m, cfg.data_root) for m, plan in cfg.modalities.items()}
+                         if cfg.distill.class_weight else None)
         distill(student, aligned, texts, cfg.distill, cfg.seed,
-                base_features if cfg.align.lora_layers == 0 else None, images)
+                base_features if cfg.align.lora_layers == 0 else None, images, class_prompts)
         return {"text": student}
 
     teachers = stage("teachers", names, train_teachers)
@@ -239,7 +248,9 @@ Text base: `{cfg.text.source}` (referenced, not copied). Training time on this r
   way in every tower's part of the space.
 - Stage 2: one student text encoder reproduces every aligned teacher's text embeddings on that modality's texts{
   f", and how the teacher's images choose among those texts (relational distillation, weight {cfg.distill.relational_weight})"
-  if cfg.distill.relational_weight else ""}.
+  if cfg.distill.relational_weight else ""}{
+  f", and, with weight {cfg.distill.class_weight}, how they choose among each dataset's class prompt ensembles (what "
+  "zero-shot classification reads)" if cfg.distill.class_weight else ""}.
 - Each tower's centre (its mean training embedding) is stored: cross-modal image-to-image search centres the
   query with it (`M3BindModel.centre`), which removes the offset that separates modalities.
 

@@ -329,6 +329,7 @@ class StageConfig:
     shared_batch: int = 64  # stage 1: shared texts per step
     status_captions: float = 0.0  # share of captions replaced by a modality-independent normal/abnormal one
     relational_weight: float = 0.0  # stage 2: weight of relational_distillation (needs the teachers' images)
+    class_weight: float = 0.0  # stage 2: the same over each dataset's class prompt ensembles (zero-shot's choice)
     flips: tuple[str, ...] = ()  # image flips (keys of FLIP_DIMS) that keep this modality's labels true
     class_balance: float = 0.0  # batches favour rare classes: item weight (class count) ** -class_balance
     extra: dict = field(default_factory=dict)
@@ -496,7 +497,8 @@ def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], share
 
 def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[str, Sequence[str]],
             cfg: StageConfig, seed: int = 0, base_features: TextFeatures | None = None,
-            images: dict[str, torch.Tensor] | None = None) -> M3BindModel:
+            images: dict[str, torch.Tensor] | None = None,
+            class_prompts: dict[str, list[list[list[str]]]] | None = None) -> M3BindModel:
     """Stage 2: the student's text embeddings reproduce each teacher's on that modality's texts, and with
     ``cfg.relational_weight`` also each teacher's choice among those texts for its ``images`` (its unit
     embeddings of training items, ``item_embeddings``).
@@ -504,12 +506,19 @@ def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[
     ``base_features`` (pooled vectors of the shared, still frozen text base) lets teachers whose body was
     never adapted be evaluated through their projection alone.
     """
-    if cfg.relational_weight and not images:
-        raise ValueError("relational_weight needs the teachers' image embeddings (images=...).")
+    if (cfg.relational_weight or cfg.class_weight) and not images:
+        raise ValueError("relational_weight and class_weight need the teachers' image embeddings (images=...).")
+    if cfg.class_weight and not class_prompts:
+        raise ValueError("class_weight needs each modality's class prompt ensembles (class_prompts=...).")
+    class_sets = {m: [[p for prompts in ensembles for p in prompts] for ensembles in sets]
+                  for m, sets in (class_prompts or {}).items() if m in teachers} if cfg.class_weight else {}
     with torch.no_grad():
         targets = {m: (F.normalize(t.text.proj(base_features(texts[m])), dim=-1) if base_features is not None
                        else torch.from_numpy(t.embed_text(list(texts[m]))).to(student.device))
                    for m, t in teachers.items()}
+        class_targets = {m: [_class_means(torch.from_numpy(teachers[m].embed_text(flat)).to(student.device),
+                                          class_prompts[m][i]) for i, flat in enumerate(sets)]
+                         for m, sets in class_sets.items()}
     freeze_text_body(student)
     if cfg.lora_layers:
         add_lora(student, cfg.lora_rank, cfg.lora_layers)
@@ -538,6 +547,13 @@ def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[
             loss = loss + cfg.relational_weight * sum(
                 relational_distillation(images[m][rows[m]].to(student.device), embedded[m], target[idx[m]],
                                         teachers[m].config.logit_scale) for m, target in targets.items())
+        if class_sets:
+            rows = {m: rng.choice(len(images[m]), min(cfg.batch_size, len(images[m])), replace=False) for m in class_sets}
+            loss = loss + cfg.class_weight * sum(
+                relational_distillation(images[m][rows[m]].to(student.device),
+                                        _class_means(encoder(flat), class_prompts[m][i]), class_targets[m][i],
+                                        teachers[m].config.logit_scale)
+                for m, sets in class_sets.items() for i, flat in enumerate(sets))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -546,6 +562,11 @@ def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[
     merge_lora(student)
     student.eval()
     return student
+
+
+def _class_means(embedded: torch.Tensor, ensembles: list[list[str]]) -> torch.Tensor:
+    """Unit mean of each class's prompt embeddings (``embedded``: the prompts' rows, class after class)."""
+    return F.normalize(torch.stack([part.mean(0) for part in embedded.split([len(e) for e in ensembles])]), dim=-1)
 
 
 def bind(teachers: dict[str, M3BindModel], student: M3BindModel, name: str,
