@@ -536,11 +536,12 @@ def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[
         idx = {m: distributed.shard(rng.choice(len(t), min(cfg.batch_size * distributed.world_size(), len(t)),
                                                replace=False)) for m, t in targets.items()}
         batches = {m: [texts[m][i] for i in rows] for m, rows in idx.items()}
-        if distributed.world_size() > 1:  # DDP: every modality's texts in one forward
+        batches.update({(m, i): flat for m, sets in class_sets.items() for i, flat in enumerate(sets)})
+        if distributed.world_size() > 1:  # DDP: every modality's texts (and class prompts) in one forward
             together = encoder([text for batch in batches.values() for text in batch])
             embedded = dict(zip(batches, together.split([len(b) for b in batches.values()])))
         else:  # one process keeps its order of forwards (and so its dropout draws and results)
-            embedded = {m: encoder(batch) for m, batch in batches.items()}
+            embedded = {key: encoder(batch) for key, batch in batches.items()}
         loss = sum(distillation(embedded[m], target[idx[m]]) for m, target in targets.items())
         if cfg.relational_weight:
             rows = {m: rng.choice(len(images[m]), min(cfg.batch_size, len(images[m])), replace=False) for m in targets}
@@ -551,9 +552,9 @@ def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[
             rows = {m: rng.choice(len(images[m]), min(cfg.batch_size, len(images[m])), replace=False) for m in class_sets}
             loss = loss + cfg.class_weight * sum(
                 relational_distillation(images[m][rows[m]].to(student.device),
-                                        _class_means(encoder(flat), class_prompts[m][i]), class_targets[m][i],
+                                        _class_means(embedded[m, i], class_prompts[m][i]), class_targets[m][i],
                                         teachers[m].config.logit_scale)
-                for m, sets in class_sets.items() for i, flat in enumerate(sets))
+                for m, sets in class_sets.items() for i in range(len(sets)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
