@@ -166,10 +166,18 @@ def run(cfg: PipelineConfig) -> M3BindModel:
                           plan.trainable_fraction, base_features)
         return teachers
 
+    def class_prompts(*weights: float) -> dict[str, list[list[list[str]]]] | None:
+        """Each modality's class prompt ensembles, when a stage keeps the teachers' class choice (class_weight)."""
+        if not any(weights):
+            return None
+        return {m: class_prompt_sets(plan.datasets, m, cfg.data_root) for m, plan in cfg.modalities.items()}
+
     def train_aligned() -> dict[str, M3BindModel]:
         shared = shared_text_corpus(cfg.data_root, max_per_source=max(1, cfg.shared_texts // 5), seed=cfg.seed)
+        prompts = class_prompts(cfg.align.class_weight,
+                                *(plan.align.get("class_weight", 0) for plan in cfg.modalities.values()))
         return align({m: copy.deepcopy(t) for m, t in teachers.items()}, training_data(), shared, cfg.align,
-                     cfg.seed, base_features, {m: plan.align for m, plan in cfg.modalities.items()})
+                     cfg.seed, base_features, {m: plan.align for m, plan in cfg.modalities.items()}, prompts)
 
     def train_student() -> dict[str, M3BindModel]:
         data = training_data()
@@ -184,10 +192,8 @@ def run(cfg: PipelineConfig) -> M3BindModel:
         student = text_only_model(cfg.text, cfg.dim, f"{cfg.name}-student", cfg.seed).to(device)
         images = ({m: item_embeddings(aligned[m], m, data[m].inputs) for m in names}
                   if cfg.distill.relational_weight or cfg.distill.class_weight else None)
-        class_prompts = ({m: class_prompt_sets(plan.datasets, m, cfg.data_root) for m, plan in cfg.modalities.items()}
-                         if cfg.distill.class_weight else None)
         distill(student, aligned, texts, cfg.distill, cfg.seed,
-                base_features if cfg.align.lora_layers == 0 else None, images, class_prompts)
+                base_features if cfg.align.lora_layers == 0 else None, images, class_prompts(cfg.distill.class_weight))
         return {"text": student}
 
     teachers = stage("teachers", names, train_teachers)

@@ -329,7 +329,7 @@ class StageConfig:
     shared_batch: int = 64  # stage 1: shared texts per step
     status_captions: float = 0.0  # share of captions replaced by a modality-independent normal/abnormal one
     relational_weight: float = 0.0  # stage 2: weight of relational_distillation (needs the teachers' images)
-    class_weight: float = 0.0  # stage 2: the same over each dataset's class prompt ensembles (zero-shot's choice)
+    class_weight: float = 0.0  # stages 1, 2: keep each teacher's choice among its datasets' classes (zero-shot)
     flips: tuple[str, ...] = ()  # image flips (keys of FLIP_DIMS) that keep this modality's labels true
     class_balance: float = 0.0  # batches favour rare classes: item weight (class count) ** -class_balance
     extra: dict = field(default_factory=dict)
@@ -390,7 +390,7 @@ class _ModalityRun:
     """One teacher's training state inside a stage: data, optimiser, temperature, text cache."""
 
     def __init__(self, model: M3BindModel, data: ModalityData, cfg: StageConfig, seed: int,
-                 base_features: TextFeatures | None = None):
+                 base_features: TextFeatures | None = None, class_prompts: Sequence[list[list[str]]] = ()):
         self.model, self.data, self.cfg = model, data, cfg
         self.kind = "ecg" if data.inputs.dim() == 3 else "image"
         self.cache = (base_features or TextFeatures(model)) if cfg.lora_layers == 0 else None
@@ -404,18 +404,48 @@ class _ModalityRun:
         # a head-only run never changes the body: its features are computed once, without augmentation
         self.features = body_features(model, data) if cfg.tower_head_only else None
         self.encoders = distributed.wrap(_PairPath(model, self.cache, data.modality, self.log_scale))
+        # with class_weight: each dataset's classes, and how the model chose among them for every item at the start
+        self.class_prompts = list(class_prompts) if cfg.class_weight else []
+        self.first_choice = self._class_choice() if self.class_prompts else []
+
+    def _class_choice(self) -> list[torch.Tensor]:
+        """(items, classes) log-probabilities of zero-shot classification by the model as it is now."""
+        training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            if self.features is not None:
+                images = F.normalize(self.model.tower_for(self.data.modality).head(self.features), dim=-1)
+            else:
+                images = item_embeddings(self.model, self.data.modality, self.data.inputs)
+            choice = [F.log_softmax(self.model.config.logit_scale * images @ _class_means(
+                text_embeddings(self.model, [p for e in ensembles for p in e], self.cache), ensembles).T, dim=-1)
+                for ensembles in self.class_prompts]
+        self.model.train(training)
+        return choice
+
+    def _class_drift(self, image: torch.Tensor, prompts: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """KL divergence from the first choice among each dataset's classes to the current one, on a batch."""
+        parts = prompts.split([sum(map(len, ensembles)) for ensembles in self.class_prompts])
+        return sum(F.kl_div(F.log_softmax(self.model.config.logit_scale * image @ _class_means(part, ensembles).T, -1),
+                            first[torch.as_tensor(rows)], log_target=True, reduction="batchmean")
+                   for part, ensembles, first in zip(parts, self.class_prompts, self.first_choice))
 
     def contrastive_loss(self, shared: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss on the next batch, and the embeddings of ``shared`` texts from the same forward."""
+        """The loss on the next batch (with class_weight, plus the drift of its class choice), and the embeddings
+        of ``shared`` texts from the same forward."""
         batch = next(self.batches)
-        texts = batch.texts + list(shared)
+        prompts = [p for ensembles in self.class_prompts for e in ensembles for p in e]
+        texts = batch.texts + prompts + list(shared)
         if self.features is not None:
             image, text, scale = self.encoders(self.features[batch.rows], texts, head_only=True)
         else:
             inputs = self.data.inputs[batch.rows].float()
             image, text, scale = self.encoders(augment(inputs, self.kind, self.generator, self.cfg.flips), texts)
-        loss = class_aware_contrastive(image, text[:len(batch.texts)], batch.keys, scale, batch.text_keys, batch.tags)
-        return loss, text[len(batch.texts):]
+        n = len(batch.texts)
+        loss = class_aware_contrastive(image, text[:n], batch.keys, scale, batch.text_keys, batch.tags)
+        if self.class_prompts:
+            loss = loss + self.cfg.class_weight * self._class_drift(image, text[n:n + len(prompts)], batch.rows)
+        return loss, text[n + len(prompts):]
 
     def step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -450,11 +480,15 @@ def train_teacher(model: M3BindModel, data: ModalityData, cfg: StageConfig, seed
 
 def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], shared_texts: Sequence[str],
           cfg: StageConfig, seed: int = 0, base_features: TextFeatures | None = None,
-          overrides: dict[str, dict] | None = None) -> dict[str, M3BindModel]:
+          overrides: dict[str, dict] | None = None,
+          class_prompts: dict[str, list[list[list[str]]]] | None = None) -> dict[str, M3BindModel]:
     """Stage 1: own contrastive loss per teacher + pairwise MSE of their text embeddings of shared texts.
 
     ``overrides`` changes a teacher's own run (e.g. its ``status_captions`` share); the shared batch and the
-    alignment weight are common to all."""
+    alignment weight are common to all. With ``cfg.class_weight``, each teacher also keeps how it chose among its
+    datasets' ``class_prompts`` (zero-shot classification) before the stage."""
+    if class_prompts is None and (cfg.class_weight or any(o.get("class_weight") for o in (overrides or {}).values())):
+        raise ValueError("class_weight needs each modality's class prompt ensembles (class_prompts=...).")
     runs = {}
     for i, (modality, model) in enumerate(teachers.items()):
         freeze_text_body(model)
@@ -464,7 +498,8 @@ def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], share
             add_lora(model, cfg.lora_rank, cfg.lora_layers)
         model.train()
         own_cfg = replace(cfg, **(overrides or {}).get(modality, {}))
-        runs[modality] = _ModalityRun(model, data[modality], own_cfg, seed + i, base_features)
+        runs[modality] = _ModalityRun(model, data[modality], own_cfg, seed + i, base_features,
+                                      (class_prompts or {}).get(modality, ()))
     rng = np.random.default_rng(seed)
     size = min(len(shared_texts), cfg.shared_batch * distributed.world_size())
     progress = tqdm(range(cfg.steps), desc="stage 1 align", disable=not distributed.is_main())
@@ -508,7 +543,7 @@ def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[
     """
     if (cfg.relational_weight or cfg.class_weight) and not images:
         raise ValueError("relational_weight and class_weight need the teachers' image embeddings (images=...).")
-    if cfg.class_weight and not class_prompts:
+    if cfg.class_weight and class_prompts is None:
         raise ValueError("class_weight needs each modality's class prompt ensembles (class_prompts=...).")
     class_sets = {m: [[p for prompts in ensembles for p in prompts] for ensembles in sets]
                   for m, sets in (class_prompts or {}).items() if m in teachers} if cfg.class_weight else {}
@@ -549,7 +584,8 @@ def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[
                 relational_distillation(images[m][rows[m]].to(student.device), embedded[m], target[idx[m]],
                                         teachers[m].config.logit_scale) for m, target in targets.items())
         if class_sets:
-            rows = {m: rng.choice(len(images[m]), min(cfg.batch_size, len(images[m])), replace=False) for m in class_sets}
+            rows = {m: rng.choice(len(images[m]), min(cfg.batch_size, len(images[m])), replace=False)
+                    for m in class_sets}
             loss = loss + cfg.class_weight * sum(
                 relational_distillation(images[m][rows[m]].to(student.device),
                                         _class_means(embedded[m, i], class_prompts[m][i]), class_targets[m][i],
