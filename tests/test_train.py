@@ -19,7 +19,8 @@ from train.losses import (
 )
 from train.pipeline import REPO, PipelineConfig, class_prompt_sets, run
 from train.stages import (
-    ModalityData, StageConfig, augment, copy_trunk, distill, new_teacher, text_only_model, training_member,
+    ModalityData, StageConfig, TextFeatures, align, augment, copy_trunk, distill, item_embeddings, load_modality_data,
+    new_teacher, text_only_model, training_member,
 )
 
 
@@ -204,6 +205,40 @@ def test_class_prompt_distillation_keeps_how_the_teachers_images_choose_among_th
     with pytest.raises(ValueError, match="class_weight"):
         distill(text_only_model(tiny_model.config.text, tiny_model.dim, "student", seed=1), {"retina": teacher},
                 {"retina": texts}, StageConfig(steps=1, class_weight=1.0), images={"retina": images})
+
+
+def test_stage_1_class_term_holds_a_teacher_to_its_zero_shot_choice_while_the_alignment_pulls(
+        tiny_config, shared_data):
+    from train.captions import shared_text_corpus
+
+    tower = m3bind.ImageTowerConfig(source=None, image_size=32, vision_cfg={"cnn_widths": [8, 16]})
+    teachers = {m: new_teacher(m, tower, tiny_config.dim, tiny_config.text, seed) for seed, m in
+                enumerate(["retina", "ultrasound"])}
+    data = {m: load_modality_data(t, m, [d], "train", shared_data, max_items=48) for (m, t), d in
+            zip(teachers.items(), ["retinamnist", "breastmnist"])}
+    prompts = {m: class_prompt_sets([d], m, shared_data) for m, d in zip(teachers, ["retinamnist", "breastmnist"])}
+    shared = shared_text_corpus(shared_data, max_per_source=40, seed=0)
+    base = TextFeatures(teachers["retina"])
+    scale = teachers["retina"].config.logit_scale
+
+    def choice(model):
+        images = item_embeddings(model, "retina", data["retina"].inputs)
+        classes = unit(torch.stack([torch.from_numpy(model.embed_text(e)).mean(0) for e in prompts["retina"][0]]))
+        return F.log_softmax(scale * images @ classes.T, dim=-1)
+
+    first = choice(teachers["retina"])
+    cfg = StageConfig(steps=15, batch_size=16, shared_batch=32, lr=1e-2, tower_lr=1e-2, align_weight=100.0,
+                      tower_head_only=True)
+
+    def drift(class_weight: float) -> float:
+        aligned = align(copy.deepcopy(teachers), data, shared, cfg, base_features=base,
+                        overrides={"retina": {"class_weight": class_weight}}, class_prompts=prompts)
+        return F.kl_div(choice(aligned["retina"]), first, log_target=True, reduction="batchmean").item()
+
+    free, held = drift(0.0), drift(5.0)
+    assert held < 0.5 * free, (free, held)
+    with pytest.raises(ValueError, match="class_weight"):
+        align(copy.deepcopy(teachers), data, shared, cfg, overrides={"retina": {"class_weight": 1.0}})
 
 
 def test_a_teacher_starts_from_another_teachers_trunk_but_keeps_its_own_head(tiny_config):

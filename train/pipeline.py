@@ -223,6 +223,9 @@ def run(cfg: PipelineConfig) -> M3BindModel:
 def model_card(cfg: PipelineConfig, timings: dict[str, float], evaluation: str = "") -> str:
     rows = "\n".join(f"| {m} | {', '.join(p.datasets)} | {p.tower.describe()} |" for m, p in cfg.modalities.items())
     took = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+    held_text = "".join(f" The {m} teacher also keeps its choice among its classes from before the stage (the KL "
+                        f"divergence of its zero-shot probabilities, weight {w})." for m, p in cfg.modalities.items()
+                        if (w := p.align.get("class_weight", cfg.align.class_weight)))
     return f"""# {cfg.name}
 
 An M3Bind model trained by `python -m train.pipeline` (config `{cfg.name}`): one tower per modality and one
@@ -251,7 +254,7 @@ Text base: `{cfg.text.source}` (referenced, not copied). Training time on this r
   {cfg.align.status_captions:.0%} of the items{"".join(f" ({m}: {p.align['status_captions']:.0%})" for m, p in
   cfg.modalities.items() if "status_captions" in p.align)} the caption is a modality-independent one that says only
   whether the study is normal ("Normal study.", "Abnormal findings.", ...), so that "abnormal" points the same
-  way in every tower's part of the space.
+  way in every tower's part of the space.{held_text}
 - Stage 2: one student text encoder reproduces every aligned teacher's text embeddings on that modality's texts{
   f", and how the teacher's images choose among those texts (relational distillation, weight {cfg.distill.relational_weight})"
   if cfg.distill.relational_weight else ""}{
