@@ -416,7 +416,7 @@ class _ModalityRun:
             if self.features is not None:
                 images = F.normalize(self.model.tower_for(self.data.modality).head(self.features), dim=-1)
             else:
-                images = item_embeddings(self.model, self.data.modality, self.data.inputs)
+                images = item_embeddings(self.model, self.data.modality, self.data.inputs).to(self.model.device)
             choice = [F.log_softmax(self.model.config.logit_scale * images @ _class_means(
                 text_embeddings(self.model, [p for e in ensembles for p in e], self.cache), ensembles).T, dim=-1)
                 for ensembles in self.class_prompts]
