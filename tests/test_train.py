@@ -17,7 +17,7 @@ from train.captions import STATUS_CAPTIONS
 from train.losses import (
     class_aware_contrastive, distillation, match_matrix, pairwise_alignment, relational_distillation, same_class_targets,
 )
-from train.pipeline import REPO, PipelineConfig, class_prompt_sets, run
+from train.pipeline import REPO, PipelineConfig, class_prompt_sets, config_from_args, run
 from train.stages import (
     ModalityData, StageConfig, TextFeatures, align, augment, copy_trunk, distill, item_embeddings, load_modality_data,
     new_teacher, text_only_model, training_member,
@@ -296,6 +296,13 @@ def test_trunk_from_must_name_a_modality_listed_before(tmp_path):
     with pytest.raises(ValueError, match="trunk_from"):
         PipelineConfig.from_yaml(later)
 
+
+def test_the_command_line_replaces_the_configs_seed_and_folders(tmp_path):
+    tiny = str(REPO / "train" / "configs" / "tiny.yaml")
+    assert config_from_args(["--config", tiny]).seed == PipelineConfig.from_yaml(tiny).seed
+    cfg = config_from_args(["--config", tiny, "--seed", "7", "--run-dir", str(tmp_path / "r"),
+                            "--export-dir", str(tmp_path / "e")])
+    assert (cfg.seed, cfg.run_dir, cfg.export_dir) == (7, tmp_path / "r", tmp_path / "e")
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, shared_data):

@@ -278,18 +278,25 @@ Text base: `{cfg.text.source}` (referenced, not copied). Training time on this r
 """
 
 
-def main(argv: list[str] | None = None) -> None:
+def config_from_args(argv: list[str] | None = None) -> PipelineConfig:
+    """The config file with the command line's overrides (run and export folders, data, seed)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(REPO / "train" / "configs" / "default.yaml"))
     parser.add_argument("--run-dir", help="where stage checkpoints go (resumes from it)")
     parser.add_argument("--export-dir", help="where the final model directory goes")
     parser.add_argument("--data-root")
+    parser.add_argument("--seed", type=int, help="the config's seed, replaced (e.g. to measure seed-to-seed spread)")
     args = parser.parse_args(argv)
-    cfg = PipelineConfig.from_yaml(args.config, data_root=args.data_root)
+    cfg = PipelineConfig.from_yaml(args.config, data_root=args.data_root, seed=args.seed)
     if args.run_dir:
         cfg.run_dir = Path(args.run_dir)
     if args.export_dir:
         cfg.export_dir = Path(args.export_dir)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = config_from_args(argv)
     distributed.setup()
     try:
         run(cfg)
