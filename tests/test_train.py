@@ -304,6 +304,7 @@ def test_the_command_line_replaces_the_configs_seed_and_folders(tmp_path):
                             "--export-dir", str(tmp_path / "e")])
     assert (cfg.seed, cfg.run_dir, cfg.export_dir) == (7, tmp_path / "r", tmp_path / "e")
 
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("tiny-run")
