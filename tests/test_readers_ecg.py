@@ -158,6 +158,44 @@ def test_wfdb_units_are_converted_and_non_voltage_channels_dropped(tmp_path):
     np.testing.assert_allclose(sample.data, reference.data, atol=2e-3)
 
 
+@pytest.mark.parametrize("record_line", ["rec 3 250", "rec 3"], ids=["no_length", "no_rate_no_length"])
+def test_wfdb_header_without_signal_length_is_read(tmp_path, record_line):
+    """The length may be left out of a header (as in wfdb's 100-no-len.hea); it comes from the .dat size.
+    Without a rate the WFDB default, 250 Hz, applies."""
+    signal = _synthetic(250, 12, freqs=(3.0,), n_leads=3)
+    wfdb.wrsamp("rec", fs=250, units=["mV"] * 3, sig_name=["I", "II", "V1"], p_signal=signal, fmt=["212"] * 3,
+                adc_gain=[200.0] * 3, baseline=[0] * 3, write_dir=str(tmp_path))
+    full = read_wfdb(tmp_path / "rec.hea", DEFAULT_LIMITS)
+    lines = (tmp_path / "rec.hea").read_text().splitlines()
+    assert lines[0] == "rec 3 250 3000"
+    (tmp_path / "rec.hea").write_text("\n".join(["# length left out", record_line] + lines[1:]) + "\n")
+    sample = m3bind.load_input(tmp_path / "rec.hea")
+    assert sample.meta["n_samples_original"] == 3000 and sample.meta["duration_s"] == 12.0
+    assert sample.meta["fs_original"] == 250 and sample.meta["leads_present"] == ["I", "II", "V1"]
+    np.testing.assert_array_equal(sample.data, full.data)
+
+
+@pytest.mark.parametrize("frame_rate, per_frame", [(125, 4), (1, 500)])
+def test_wfdb_frames_of_several_samples_are_read_at_the_channel_rate(tmp_path, frame_rate, per_frame):
+    """Records such as wfdb's 041s01 hold several samples of a channel per frame: the channel's rate is
+    fs x samps_per_frame (500 Hz here), not the frame rate (125 Hz averages, or an implausible 1 Hz)."""
+    fs = frame_rate * per_frame
+    t = np.arange(10 * fs) / fs
+    ecg = np.sin(2 * np.pi * 7.0 * t)
+    slow = 80 + 10 * np.sin(2 * np.pi * 1.2 * np.arange(10 * frame_rate) / frame_rate)
+    wfdb.wrsamp("mf", fs=frame_rate, units=["mV", "mV", "mmHg"], sig_name=["II", "V2", "ABP"],
+                e_p_signal=[ecg, ecg * 0.5, slow], samps_per_frame=[per_frame, per_frame, 1], fmt=["16"] * 3,
+                adc_gain=[1000.0, 1000.0, 10.0], baseline=[0, 0, 0], write_dir=str(tmp_path))
+    sample = m3bind.load_input(tmp_path / "mf.hea")
+    assert sample.meta["fs_original"] == 500 and sample.meta["samples_per_frame"] == per_frame
+    assert sample.meta["duration_s"] == 10.0 and sample.meta["n_samples_original"] == 5000
+    assert sample.meta["leads_present"] == ["II", "V2"] and sample.meta["dropped_leads"] == ["ABP"]
+    expected = np.sin(2 * np.pi * 7.0 * np.arange(CANONICAL_SAMPLES) / 100)
+    lead_ii = sample.data[LEADS.index("II")]
+    np.testing.assert_allclose(lead_ii[50:950], expected[50:950], atol=0.02)
+    np.testing.assert_allclose(sample.data[LEADS.index("V2")], 0.5 * lead_ii, atol=1e-3)
+
+
 @needs_data
 @pytest.mark.skipif(importlib.util.find_spec("m3bind.readers.dicom") is None, reason="DICOM reader not written yet")
 def test_dicom_waveform_ecg_ends_canonical():

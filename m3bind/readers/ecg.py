@@ -266,12 +266,32 @@ def _check_length(sig_len: int, limits: Limits) -> None:
                                  f"{limits.max_ecg_samples} are accepted.")
 
 
+def _header_with_length(text: str, sig_len: int, fs: float) -> str:
+    """The header text with the signal length written into its record line.
+
+    The length may be left out of a header (the WFDB spec then takes it from the signal file's size), but
+    wfdb cannot read part of such a record; the length is the one counted from the file. A record line
+    without a length may also lack the sampling frequency, which comes before it (wfdb's default, 250).
+    """
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) == 2:
+            fields.append(f"{fs:g}")
+        lines[i] = " ".join(fields[:3] + [str(sig_len)])
+        break
+    return "\n".join(lines) + "\n"
+
+
 def _read_record_start(header_file: Path, uploads: Sequence[Path], limits: Limits) -> tuple[wfdb.Record, int]:
     """Check the header against the limits and the files, then decode the first seconds with wfdb.
 
     The header and signal files are linked into one private directory under the names the header
     expects, so uploads spread over several directories (or renamed) still form one record.
-    Returns the wfdb record and the record's full length in samples.
+    Returns the wfdb record, read with each channel at its own rate (``e_p_signal``: channel j has
+    ``samps_per_frame[j]`` samples per frame of ``fs``), and the record's full length in frames.
     """
     import wfdb
 
@@ -290,9 +310,11 @@ def _read_record_start(header_file: Path, uploads: Sequence[Path], limits: Limit
         if header.n_sig > limits.max_ecg_leads:
             raise InputTooLargeError(
                 f"The record has {header.n_sig} channels; at most {limits.max_ecg_leads} are accepted.")
+        per_frame = max(int(n or 1) for n in header.samps_per_frame)
+        fs = _check_fs(header.fs * per_frame)  # the rate of the fastest channel: frames may hold several samples
         sig_len = header.sig_len
         if sig_len is not None:
-            _check_length(sig_len, limits)
+            _check_length(sig_len * per_frame, limits)
         for name in dict.fromkeys(header.file_name):
             source = _find_signal_file(name, header_file, uploads)
             frames = _frames_in_file(header, name, source)
@@ -303,13 +325,19 @@ def _read_record_start(header_file: Path, uploads: Sequence[Path], limits: Limit
             _link(source, Path(tmp) / name)
         if not sig_len:
             raise CorruptFileError(f"The WFDB record {header_file.stem} holds no samples.")
-        _check_length(sig_len, limits)
-        sampto = min(sig_len, int(math.ceil((CANONICAL_SECONDS + _MARGIN_S) * _check_fs(header.fs))))
+        _check_length(sig_len * per_frame, limits)
+        if header.sig_len is None:  # a valid header without the length: write it in from the file's size
+            record.with_suffix(".hea").unlink()
+            record.with_suffix(".hea").write_text(
+                _header_with_length(header_file.read_text(errors="replace"), sig_len, header.fs))
+        sampto = min(sig_len, int(math.ceil((CANONICAL_SECONDS + _MARGIN_S) * fs / per_frame)))
         try:
-            rec = wfdb.rdrecord(str(record), sampto=sampto, physical=True, return_res=64)
+            rec = wfdb.rdrecord(str(record), sampto=sampto, physical=True, return_res=64, smooth_frames=False)
         except Exception as exc:
             raise CorruptFileError(f"The WFDB record {header_file.stem} could not be read ({exc}).") from exc
-    if rec.p_signal is None or rec.p_signal.shape[0] < sampto:
+    channels = rec.e_p_signal
+    if channels is None or len(channels) != rec.n_sig or any(
+            len(x) < sampto * int(n or 1) for x, n in zip(channels, rec.samps_per_frame)):
         raise CorruptFileError(f"The WFDB record {header_file.stem} holds fewer samples than its header declares.")
     return rec, int(sig_len)
 
@@ -338,9 +366,23 @@ def read_wfdb(header_path: Path, limits: Limits, files: Sequence[Path] | None = 
             keep.append((j, name, scale))
     if not keep:
         raise WrongModalityError("The WFDB record holds no voltage channel, so it is not an ECG.")
-    signal = np.stack([rec.p_signal[:, j] * scale for j, _, scale in keep], axis=1)
-    meta = {"format": "wfdb", "n_samples_original": sig_len, "dropped_leads": dropped}
-    return sample_from_signal(signal, rec.fs, [name for _, name, _ in keep], meta, limits)
+    # Each channel at its true rate, samps_per_frame x the frame rate; channels slower than the fastest
+    # voltage channel are brought up to its rate (rare: leads of one ECG share a rate).
+    per_frame = [int(rec.samps_per_frame[j] or 1) for j, _, _ in keep]
+    top = max(per_frame)
+    columns = []
+    for (j, _, scale), n in zip(keep, per_frame):
+        values = np.asarray(rec.e_p_signal[j], dtype=np.float64) * scale
+        if n != top:
+            step = Fraction(top, n)
+            values = resample_poly(values, step.numerator, step.denominator)
+        columns.append(values)
+    length = min(len(c) for c in columns)
+    signal = np.stack([c[:length] for c in columns], axis=1)
+    meta = {"format": "wfdb", "n_samples_original": sig_len * top, "dropped_leads": dropped}
+    if top > 1:
+        meta["samples_per_frame"] = top
+    return sample_from_signal(signal, rec.fs * top, [name for _, name, _ in keep], meta, limits)
 
 
 # ------------------------------------------------------------------------------------------ CSV / NPY
