@@ -355,6 +355,19 @@ def test_semicolon_csv_with_decimal_commas(tmp_path):
     np.testing.assert_allclose(sample.data, reference.data, atol=1e-4)
 
 
+@pytest.mark.parametrize("delimiter", [",", "\t", ";"])
+def test_csv_starting_with_comment_lines(tmp_path, delimiter):
+    """Comment lines (any separators in them) are skipped before the delimiter is worked out."""
+    signal = _synthetic(250, 10, freqs=(1.5,))
+    comments = "# exported by the cart; 250 Hz, 10 s\t(filtered)\n#\n\n# units: mV\n"
+    path = _write_csv(tmp_path / "e.csv", signal, list(LEADS), delimiter=delimiter)
+    path.write_text(comments + path.read_text())
+    sample = m3bind.load_input(path, sampling_rate=250)
+    assert sample.meta["lead_mask"] == [True] * 12
+    np.testing.assert_allclose(sample.data, sample_from_signal(signal, 250, LEADS, {}, DEFAULT_LIMITS).data,
+                               atol=1e-4)
+
+
 def test_npy_rate_assumed_only_from_a_ten_second_length():
     sample = read_ecg_array(_npy_bytes(_synthetic(500, 10)), "npy", DEFAULT_LIMITS)
     assert sample.meta["fs_original"] == 500 and sample.meta["fs_source"] == "assumed from a 10-s length"

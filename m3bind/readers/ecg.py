@@ -470,7 +470,8 @@ def _time_fs(times: np.ndarray, name: str) -> float:
 
 def _parse_csv(data: bytes, limits: Limits) -> tuple[np.ndarray, list[str], float | None]:
     """Numbers, column names ('' when there is no header row) and the rate a time column implies."""
-    first_line = data[:data.find(b"\n")] if b"\n" in data else data
+    first_line = next((line for line in data[:1 << 20].splitlines()
+                       if line.strip() and not line.lstrip().startswith(b"#")), b"")  # comments skipped first
     delimiter = next((d for d in ("\t", ";", ",") if d.encode() in first_line), None)
     _check_table_size(data.count(b"\n") + 1, len(first_line.split(delimiter.encode() if delimiter else None)),
                       limits)
