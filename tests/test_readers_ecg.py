@@ -68,11 +68,16 @@ def test_all_cinc2021_records_resampled_from_500hz():
     headers = sorted((ECG_DATA / "cinc2021").glob("*.hea"))
     assert len(headers) == 40
     band = scipy.signal.butter(4, 35, fs=100)
+    with_flat_leads = set()
     for header in headers:
         sample = read_wfdb(header, DEFAULT_LIMITS)
         reference, fs = _reference(header)
         assert fs == 500 and sample.meta["fs_original"] == 500
-        assert sample.meta["lead_mask"] == [True] * 12 and sample.meta["duration_s"] == 10.0
+        flat = [lead for k, lead in enumerate(LEADS) if np.ptp(reference[:5000, k]) == 0]  # all-zero leads
+        assert sample.meta["flat_leads"] == flat and sample.meta["duration_s"] == 10.0
+        assert sample.meta["lead_mask"] == [lead not in flat for lead in LEADS]
+        if flat:
+            with_flat_leads.add(header.stem)
         # An independent (FFT) resampler must agree in the ECG band (< 35 Hz), away from the record's edges;
         # the two differ only in how sharply they cut between 35 and 50 Hz.
         expected = scipy.signal.resample(reference[:5000], CANONICAL_SAMPLES, axis=0).T
@@ -80,6 +85,7 @@ def test_all_cinc2021_records_resampled_from_500hz():
         error = np.sqrt(np.mean((got - want) ** 2, axis=1))
         assert np.all(error <= 0.01 * np.std(want, axis=1) + 1e-4), header.name
         assert "Age" not in repr(sample.meta) and "Dx" not in repr(sample.meta)
+    assert with_flat_leads == {"JS20004", "JS20008"}  # V2, V4 and V6 recorded as zeros: masked, not "present"
 
 
 @needs_data
@@ -262,13 +268,57 @@ def test_nan_gaps_interpolated_or_masked():
     signal = _synthetic(500, 10)
     signal[:, 0] = np.nan  # lead I all missing
     signal[25::50, 1] = np.nan  # 2 % of lead II, single samples: interpolated
-    signal[::8, 2] = np.nan  # 12.5 % of lead III: masked
+    signal[::8, 2] = np.nan  # 12.5 % of lead III, single samples: interpolated too
+    signal[: 3000, 3] = np.nan  # 60 % of aVR: too little left, masked
     sample = sample_from_signal(signal, 500, LEADS, {}, DEFAULT_LIMITS)
-    assert sample.meta["lead_mask"] == [False, True, False] + [True] * 9
-    assert sample.meta["interpolated_leads"] == ["II"] and sample.meta["gappy_leads"] == ["III"]
-    assert np.isfinite(sample.data).all() and not sample.data[[0, 2]].any()
+    assert sample.meta["lead_mask"] == [False, True, True, False] + [True] * 8
+    assert sample.meta["interpolated_leads"] == ["II", "III"] and sample.meta["gappy_leads"] == ["aVR"]
+    assert sample.meta["zeroed_leads"] == [] and sample.meta["flat_leads"] == []
+    assert np.isfinite(sample.data).all() and not sample.data[[0, 3]].any()
     clean = sample_from_signal(_synthetic(500, 10), 500, LEADS, {}, DEFAULT_LIMITS)
     np.testing.assert_allclose(sample.data[1], clean.data[1], atol=0.01)
+    np.testing.assert_allclose(sample.data[2], clean.data[2], atol=0.03)
+
+
+def test_mostly_nan_record_keeps_the_leads_with_data():
+    """Half the leads all NaN, the others with a 40-ms gap (interpolated) and 1-s gaps (set to the
+    baseline): once refused as 'all values are missing', now read with the NaN-only leads masked."""
+    signal = _synthetic(500, 10, freqs=(2.0,)) + 0.3
+    signal[:, :6] = np.nan
+    signal[1000:1020, 6:] = np.nan  # 40 ms
+    for start in (2000, 3500, 4200):  # 3 x 0.5 s = 15 % of each lead
+        signal[start:start + 250, 6:] = np.nan
+    sample = m3bind.load_input(_npy_bytes(signal), name="e.npy", sampling_rate=500)
+    assert sample.meta["lead_mask"] == [False] * 6 + [True] * 6
+    assert sample.meta["interpolated_leads"] == sample.meta["zeroed_leads"] == list(LEADS[6:])
+    assert sample.meta["gappy_leads"] == [] and np.isfinite(sample.data).all()
+    clean = sample_from_signal(_synthetic(500, 10, freqs=(2.0,)), 500, LEADS, {}, DEFAULT_LIMITS)
+    assert not sample.data[:6].any()
+    np.testing.assert_allclose(sample.data[6:, 100:190], clean.data[6:, 100:190], atol=0.02)  # away from the gaps
+    assert np.abs(sample.data[6:, 410:440]).max() < 1e-2 and np.abs(sample.data[6:, 710:740]).max() < 1e-2
+
+
+def test_flat_leads_are_missing():
+    signal = _synthetic(250, 11)
+    signal[:, 0] = 0.0  # unconnected, exported as zeros
+    signal[:, 7] = 1.5  # stuck at a constant offset
+    sample = sample_from_signal(signal, 250, LEADS, {}, DEFAULT_LIMITS)
+    assert sample.meta["lead_mask"] == [i not in (0, 7) for i in range(12)]
+    assert sample.meta["flat_leads"] == ["I", "V2"] and not sample.data[[0, 7]].any()
+
+
+def test_flat_record_is_refused(tmp_path):
+    """An all-zero 11-s ECG used to load with every lead marked present."""
+    with pytest.raises(m3bind.CorruptFileError, match="every lead is a flat line"):
+        m3bind.load_input(_npy_bytes(np.zeros((5500, 12))), name="e.npy", sampling_rate=500)
+    wfdb.wrsamp("flat", fs=500, units=["mV"] * 12, sig_name=list(LEADS), p_signal=np.zeros((5500, 12)),
+                fmt=["16"] * 12, adc_gain=[1000.0] * 12, baseline=[0] * 12, write_dir=str(tmp_path))
+    with pytest.raises(m3bind.CorruptFileError, match="every lead is a flat line"):
+        m3bind.load_input(tmp_path / "flat.hea")
+    mixed = np.zeros((5500, 12))
+    mixed[:, 6:] = np.nan
+    with pytest.raises(m3bind.CorruptFileError, match="6 are flat lines .* 6 are entirely missing"):
+        m3bind.load_input(_npy_bytes(mixed), name="e.npy", sampling_rate=500)
 
 
 def test_short_record_is_padded_at_the_end():

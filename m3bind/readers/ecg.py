@@ -15,9 +15,11 @@ ECG means the same to the model whatever file it came in:
   named twice keeps its first channel. Exactly 12 unnamed channels (headerless CSV, NPY, "ch1".."ch12")
   are taken in the standard order (``meta["standard_order_assumed"]``).
 * **Missing leads** are zeros with ``meta["lead_mask"]`` False; they are never derived from other leads.
-* **Gaps.** Within the samples used, a lead that is all NaN is missing; scattered NaNs covering under
-  5 % of a lead are linearly interpolated (``meta["interpolated_leads"]``), more masks the lead
-  (``meta["gappy_leads"]``). Infinite values are refused.
+* **Gaps and flat leads.** Within the samples used, a lead that is all NaN, or constant (a flat line:
+  unconnected or zero-filled), is missing (``meta["flat_leads"]`` names the flat ones). NaN runs up to
+  40 ms are linearly interpolated (``meta["interpolated_leads"]``); longer runs are set to the lead's
+  baseline, zero (``meta["zeroed_leads"]``); a lead with under half its samples present is missing
+  (``meta["gappy_leads"]``). A record with no usable lead is refused. Infinite values are refused.
 * **Units.** WFDB values are converted to mV from the header's units (channels in mmHg etc. are
   dropped); CSV/NPY values are taken as mV unless a CSV column name says otherwise ("V1 (uV)").
 * **Sampling rate** of a CSV/NPY: given by the caller, else from a CSV time column; else only a
@@ -54,7 +56,9 @@ CANONICAL_SECONDS = 10
 CANONICAL_SAMPLES = CANONICAL_FS * CANONICAL_SECONDS
 MIN_SECONDS = 2.0
 FS_RANGE = (50.0, 20_000.0)
-MAX_NAN_FRACTION = 0.05
+MAX_INTERPOLATED_GAP_S = 0.04  # NaN runs up to this long are interpolated; longer ones are set to the baseline
+MIN_PRESENT_FRACTION = 0.5  # a lead with fewer of its samples present (not NaN) is missing
+FLAT_PTP_MV = 1e-6  # a lead whose peak-to-peak amplitude is at most this (1 nV) is a flat line
 # Rates a 10-s array without a stated rate may be assumed to have (length = 10 s x rate).
 STANDARD_RATES = (100, 125, 250, 500, 1000)
 
@@ -125,25 +129,67 @@ def _match_leads(names: Sequence[str]) -> tuple[dict[int, int], list[str], bool]
         f"No standard ECG lead (I, II, III, aVR, aVL, aVF, V1-V6) was found among the channels: {shown}.")
 
 
-def _fill_gaps(segment: np.ndarray, names: list[str]) -> tuple[list[bool], list[str], list[str]]:
-    """Interpolate small NaN gaps in place; say which leads are usable, interpolated, too gappy."""
-    usable, interpolated, gappy = [], [], []
+def _nan_runs(nan: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of True in a 1-D boolean array."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], nan, [False])).astype(np.int8)))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def _fill_gaps(segment: np.ndarray, names: list[str], n_window: int,
+               fs: float) -> tuple[list[bool], dict[str, list[str]]]:
+    """Interpolate short NaN runs in place (longer runs stay NaN, for the baseline later); say which leads
+    are usable and, by name, which were interpolated, zeroed, too gappy or flat."""
+    usable: list[bool] = []
+    found: dict[str, list[str]] = {"interpolated": [], "zeroed": [], "gappy": [], "flat": []}
     index = np.arange(segment.shape[0])
+    longest = max(1, int(round(MAX_INTERPOLATED_GAP_S * fs)))
     for j, name in enumerate(names):
-        nan = np.isnan(segment[:, j])
-        if not nan.any():
-            usable.append(True)
-            continue
-        if nan.all() or nan.mean() >= MAX_NAN_FRACTION:
-            segment[:, j] = 0.0
+        column = segment[:, j]
+        nan = np.isnan(column)
+        present = ~nan[:n_window]
+        if not present.any():
+            column[:] = 0.0
             usable.append(False)
-            if not nan.all():
-                gappy.append(name)
             continue
-        segment[nan, j] = np.interp(index[nan], index[~nan], segment[~nan, j])
+        if present.mean() < MIN_PRESENT_FRACTION:
+            column[:] = 0.0
+            usable.append(False)
+            found["gappy"].append(name)
+            continue
+        if np.ptp(column[:n_window][present]) <= FLAT_PTP_MV:
+            column[:] = 0.0
+            usable.append(False)
+            found["flat"].append(name)
+            continue
         usable.append(True)
-        interpolated.append(name)
-    return usable, interpolated, gappy
+        if not nan.any():
+            continue
+        short = np.zeros_like(nan)
+        for start, stop in _nan_runs(nan):
+            if stop - start <= longest:
+                short[start:stop] = True
+        if short.any():
+            column[short] = np.interp(index[short], index[~nan], column[~nan])
+            found["interpolated"].append(name)
+        if (nan & ~short).any():
+            found["zeroed"].append(name)
+    return usable, found
+
+
+def _no_usable_lead(found: dict[str, list[str]], n_leads: int) -> CorruptFileError:
+    flat, gappy = len(found["flat"]), len(found["gappy"])
+    if not flat and not gappy:
+        return CorruptFileError("None of the ECG leads holds a usable signal: all values are missing (NaN).")
+    if flat == n_leads:
+        return CorruptFileError("None of the ECG leads holds a usable signal: every lead is a flat line "
+                                "(constant values, as from unconnected electrodes or an empty recording).")
+    parts = [f"{flat} {'is a flat line' if flat == 1 else 'are flat lines'} (constant values)" if flat else "",
+             f"{gappy} {'has' if gappy == 1 else 'have'} more than half of {'its' if gappy == 1 else 'their'} "
+             "values missing" if gappy else ""]
+    rest = n_leads - flat - gappy
+    parts.append(f"{rest} {'is' if rest == 1 else 'are'} entirely missing (NaN)" if rest else "")
+    return CorruptFileError("None of the ECG leads holds a usable signal: of the "
+                            f"{n_leads} matched leads, " + ", ".join(p for p in parts if p) + ".")
 
 
 def sample_from_signal(signal: np.ndarray, fs: float, lead_names: Sequence[str], meta: dict,
@@ -181,11 +227,12 @@ def sample_from_signal(signal: np.ndarray, fs: float, lead_names: Sequence[str],
     segment = signal[:n_read, [columns[k] for k in leads]].astype(np.float64)
     if np.isinf(segment).any():
         raise CorruptFileError("The ECG contains infinite values; the file is damaged or was exported wrongly.")
-    usable, interpolated, gappy = _fill_gaps(segment, [LEADS[k] for k in leads])
+    usable, found = _fill_gaps(segment, [LEADS[k] for k in leads], n_window, fs)
     if not any(usable):
-        raise CorruptFileError("None of the ECG leads holds a usable signal: all values are missing (NaN).")
+        raise _no_usable_lead(found, len(leads))
 
-    segment -= np.median(segment[:n_window], axis=0)
+    segment -= np.nanmedian(segment[:n_window], axis=0)
+    segment[np.isnan(segment)] = 0.0  # the gaps too long to interpolate: at the baseline
     ratio = Fraction(CANONICAL_FS / fs).limit_denominator(1000)
     if ratio != 1:
         segment = resample_poly(segment, ratio.numerator, ratio.denominator, axis=0)
@@ -206,7 +253,8 @@ def sample_from_signal(signal: np.ndarray, fs: float, lead_names: Sequence[str],
         lead_mask=mask, leads_present=[LEADS[k] for k in range(len(LEADS)) if mask[k]],
         leads_missing=[LEADS[k] for k in range(len(LEADS)) if not mask[k]],
         dropped_leads=list(meta.get("dropped_leads", [])) + dropped,
-        interpolated_leads=interpolated, gappy_leads=gappy, standard_order_assumed=assumed,
+        interpolated_leads=found["interpolated"], zeroed_leads=found["zeroed"], gappy_leads=found["gappy"],
+        flat_leads=found["flat"], standard_order_assumed=assumed,
     )
     return Sample(modality="ecg", data=data, preview=data.copy(), meta=out)
 
