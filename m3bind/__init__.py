@@ -8,7 +8,8 @@ The public API, used alike by the app, the CLI, ``train/`` and the tests::
     model.classify(sample, ["normal chest x-ray", "pneumonia"])
 """
 
-from .errors import CorruptFileError, InputError, InputTooLargeError, UnsupportedFormatError, WrongModalityError
+from .errors import (CorruptFileError, InputError, InputTooLargeError, MissingFileError, OptionError,
+                     UnsupportedFormatError, WrongModalityError)
 from .modalities import Modality, get_modality, modality_names, register
 from .readers import Limits, load_input
 from .sample import Sample
@@ -33,7 +34,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'm3bind' has no attribute {name!r}")
 
 __all__ = [
-    "CorruptFileError", "InputError", "InputTooLargeError", "UnsupportedFormatError", "WrongModalityError",
+    "CorruptFileError", "InputError", "InputTooLargeError", "MissingFileError", "OptionError",
+    "UnsupportedFormatError", "WrongModalityError",
     "Modality", "get_modality", "modality_names", "register",
     "Limits", "load_input", "Sample",
     "EcgTowerConfig", "ImageTowerConfig", "ModelConfig", "TextTowerConfig", "default_config",

@@ -16,9 +16,19 @@ class CorruptFileError(InputError):
     """The file claims a supported format but its content is broken or truncated."""
 
 
+class MissingFileError(CorruptFileError):
+    """A file the input needs is absent or cannot be opened: a path that does not exist, or a WFDB record
+    without its header or signal file (an incomplete input, hence a kind of ``CorruptFileError``)."""
+
+
 class InputTooLargeError(InputError):
     """The input exceeds a configured size limit (bytes, pixels, frames, samples)."""
 
 
 class WrongModalityError(InputError):
     """The input does not fit the modality asked for, or the model has no encoder for it."""
+
+
+class OptionError(InputError):
+    """A value the caller chose (DICOM window, ECG sampling rate) is unusable or contradicts the file, or one
+    the file needs (the sampling rate of a CSV/NPY ECG that states none) was not given."""

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import m3bind
-from m3bind import CorruptFileError, InputError, InputTooLargeError, UnsupportedFormatError, WrongModalityError
+from m3bind import (CorruptFileError, InputError, InputTooLargeError, MissingFileError, OptionError,
+                    UnsupportedFormatError, WrongModalityError)
 from m3bind.readers.ecg import LEADS
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -91,13 +92,13 @@ CASES = [
          CorruptFileError, "3 columns at line 1001"),
     case("csv_binary_garbage", lambda t: (_bytes(t / "e.csv", b"\xff\xfe\x00\x81" * 500), {}), CorruptFileError,
          "not plain text"),
-    case("csv_one_column_unknown_rate", lambda t: (_csv(t / "e.csv", _table(_wave(100, 30, 1))), {}), InputError,
+    case("csv_one_column_unknown_rate", lambda t: (_csv(t / "e.csv", _table(_wave(100, 30, 1))), {}), OptionError,
          "sampling rate"),
     case("csv_time_column_backwards", lambda t: (_csv(t / "e.csv", _table(TIMED[::-1], "time," + ",".join(LEADS))),
                                                  {}), CorruptFileError, "time column"),
     case("csv_rate_disagrees_with_time", lambda t: (_csv(t / "e.csv", _table(TIMED, "time," + ",".join(LEADS))),
-                                                    {"sampling_rate": 500}), InputError, "disagrees"),
-    case("csv_40_unnamed_columns", lambda t: (_csv(t / "e.csv", _table(_wave(100, 10, 40))), {}), InputError,
+                                                    {"sampling_rate": 500}), OptionError, "disagrees"),
+    case("csv_40_unnamed_columns", lambda t: (_csv(t / "e.csv", _table(_wave(100, 10, 40))), {}), UnsupportedFormatError,
          "exactly 12"),
     case("csv_200_columns", lambda t: (_csv(t / "e.csv", _table(_wave(100, 10, 200))), {}), InputTooLargeError,
          "at most"),
@@ -112,19 +113,23 @@ CASES = [
          CorruptFileError, "infinite"),
     case("npy_truncated", lambda t: (_truncated_npy(t), {"sampling_rate": 500}), CorruptFileError, "truncated"),
     case("too_short_half_second", lambda t: (_npy(t / "h.npy", _wave(500, 0.5)), {"sampling_rate": 500}),
-         InputError, "at least 2 s"),
-    case("rate_zero", lambda t: (_npy(t / "r.npy", _wave(500, 10)), {"sampling_rate": 0}), InputError,
+         CorruptFileError, "at least 2 s"),
+    case("rate_zero", lambda t: (_npy(t / "r.npy", _wave(500, 10)), {"sampling_rate": 0}), OptionError,
          "not plausible"),
-    case("rate_negative", lambda t: (_npy(t / "r.npy", _wave(500, 10)), {"sampling_rate": -500}), InputError,
+    case("rate_negative", lambda t: (_npy(t / "r.npy", _wave(500, 10)), {"sampling_rate": -500}), OptionError,
          "not plausible"),
-    case("rate_1e9", lambda t: (_npy(t / "r.npy", _wave(500, 10)), {"sampling_rate": 1e9}), InputError,
+    case("rate_1e9", lambda t: (_npy(t / "r.npy", _wave(500, 10)), {"sampling_rate": 1e9}), OptionError,
          "not plausible"),
-    case("rate_nan", lambda t: (_npy(t / "r.npy", _wave(500, 10)), {"sampling_rate": float("nan")}), InputError,
+    case("rate_nan", lambda t: (_npy(t / "r.npy", _wave(500, 10)), {"sampling_rate": float("nan")}), OptionError,
          "not plausible"),
     case("frank_leads_only", lambda t: (_frank_only(t), {}), WrongModalityError, "No standard ECG lead"),
-    case("hea_without_dat", lambda t: (_csv(t / "100.hea", _mitbih_header()), {}), CorruptFileError,
+    case("rate_not_a_number", lambda t: (_npy(t / "r.npy", _wave(500, 10)), {"sampling_rate": "fast"}), OptionError,
+         "not a number"),
+    case("hea_rate_implausible", lambda t: (_csv(t / "100.hea", _mitbih_header(" 360 ", " 1 ")), {}), CorruptFileError,
+         "1 Hz is not plausible", data=True),
+    case("hea_without_dat", lambda t: (_csv(t / "100.hea", _mitbih_header()), {}), MissingFileError,
          "100.dat named in the header 100.hea is missing", data=True),
-    case("dat_without_hea", lambda t: (Path(shutil.copy(MITBIH / "100.dat", t / "100.dat")), {}), InputError,
+    case("dat_without_hea", lambda t: (Path(shutil.copy(MITBIH / "100.dat", t / "100.dat")), {}), MissingFileError,
          "header (100.hea) is missing", data=True),
     case("hea_garbage_text", lambda t: (_csv(t / "100.hea", "this is not a header\nat all\n"), {}),
          CorruptFileError, "not a readable WFDB header"),
@@ -151,5 +156,14 @@ def test_malformed_ecg_is_refused_readably(tmp_path, build, error, words):
         m3bind.load_input(source, **kwargs)
     message = str(caught.value)
     assert isinstance(caught.value, InputError)
+    assert type(caught.value) is not InputError, "a refusal names its kind: one of the InputError subclasses"
     assert words.lower() in message.lower(), message
     assert len(message) > 10 and "Traceback" not in message and "Errno" not in message
+
+
+def test_readers_never_raise_the_bare_input_error():
+    """Every refusal in the readers is one of the named kinds (README: Inputs), never the bare base class."""
+    readers = Path(m3bind.__file__).parent / "readers"
+    offenders = [f"{path.name}:{number}" for path in sorted(readers.glob("*.py"))
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if "raise InputError(" in line]
+    assert not offenders, offenders

@@ -156,8 +156,14 @@ CASES: dict[str, tuple[Callable[[Path], tuple[object, dict]], type[m3bind.InputE
     "dicom-broken-jpeg-stream": (lambda p: (pydicom_file_bytes("JPEG-lossy.dcm"), {}), m3bind.CorruptFileError),
     "dicom-waveform-data-short": (lambda p: (_edited("waveform_ecg.dcm", _short_waveform), {}),
                                   m3bind.CorruptFileError),
-    "nonexistent-path": (lambda p: (p / "missing.png", {}), m3bind.InputError),
-    "directory-path": (lambda p: (p, {}), m3bind.InputError),
+    "nonexistent-path": (lambda p: (p / "missing.png", {}), m3bind.MissingFileError),
+    "directory-path": (lambda p: (p, {}), m3bind.MissingFileError),
+    "empty-file-list": (lambda p: ([], {}), m3bind.MissingFileError),
+    "input-of-another-type": (lambda p: (12345, {}), m3bind.UnsupportedFormatError),
+    "dicom-window-not-numbers": (lambda p: (pydicom_file_bytes("CT_small.dcm"), {"window": ("wide", "bone")}),
+                                 m3bind.OptionError),
+    "dicom-window-negative-width": (lambda p: (pydicom_file_bytes("CT_small.dcm"), {"window": (40, -400)}),
+                                    m3bind.OptionError),
 }
 
 
@@ -175,6 +181,7 @@ def test_malformed_input_raises_a_clear_input_error(case: str, tmp_path: Path) -
         tracemalloc.stop()
     elapsed = time.perf_counter() - start
     assert isinstance(info.value, expected), f"{type(info.value).__name__}: {info.value}"
+    assert type(info.value) is not m3bind.InputError, "a refusal names its kind: one of the InputError subclasses"
     message = str(info.value)
     assert len(message) >= 15 and " " in message
     assert "Traceback" not in message and "<_io" not in message and "0x" not in message

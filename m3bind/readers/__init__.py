@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
-from ..errors import CorruptFileError, InputError, InputTooLargeError, UnsupportedFormatError, WrongModalityError
+from ..errors import (CorruptFileError, InputError, InputTooLargeError, MissingFileError, UnsupportedFormatError,
+                      WrongModalityError)
 from ..modalities import get_modality
 from ..sample import Sample
 
@@ -68,11 +69,11 @@ def _read_bytes(path: Path, limits: Limits) -> bytes:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise InputError(f"File not found: {path.name}") from None
+        raise MissingFileError(f"File not found: {path.name}") from None
     except OSError as exc:
-        raise InputError(f"Cannot read {path.name}: {exc.strerror or exc}") from None
+        raise MissingFileError(f"Cannot read {path.name}: {exc.strerror or exc}") from None
     if not path.is_file():
-        raise InputError(f"{path.name} is not a file.")
+        raise MissingFileError(f"{path.name} is not a file.")
     if size > limits.max_bytes:
         raise InputTooLargeError(
             f"{path.name} is {size / 2**20:.0f} MB; the limit is {limits.max_bytes / 2**20:.0f} MB.")
@@ -105,7 +106,7 @@ def load_input(
     if isinstance(source, (list, tuple)):
         paths = [Path(p) for p in source]
         if not paths:
-            raise InputError("No file was given.")
+            raise MissingFileError("No file was given.")
         headers = [p for p in paths if p.suffix.lower() == ".hea"]
         if len(paths) == 1 or not headers:
             return load_input(paths[0], modality, name=name, sampling_rate=sampling_rate, window=window,
@@ -127,7 +128,7 @@ def load_input(
             return _apply_modality(ecg.read_wfdb(path, limits), modality)
         data = _read_bytes(path, limits)
     else:
-        raise InputError(f"Cannot read an input of type {type(source).__name__}.")
+        raise UnsupportedFormatError(f"Cannot read an input of type {type(source).__name__}.")
 
     if not data:
         raise CorruptFileError(f"{name or 'The file'} is empty.")

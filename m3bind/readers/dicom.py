@@ -33,7 +33,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ..errors import CorruptFileError, InputError, InputTooLargeError, UnsupportedFormatError
+from ..errors import CorruptFileError, InputError, InputTooLargeError, OptionError, UnsupportedFormatError
 from ..modalities import modality_for_dicom_code
 from ..sample import Sample
 from . import Limits
@@ -239,9 +239,9 @@ def _user_window(window: tuple[float, float]) -> tuple[float, float]:
     try:
         centre, width = (float(v) for v in window)
     except (TypeError, ValueError):
-        raise InputError("The window must be two numbers: (centre, width).") from None
+        raise OptionError("The window must be two numbers: (centre, width).") from None
     if not (np.isfinite(centre) and np.isfinite(width) and width > 0):
-        raise InputError("The window width must be a positive number and the centre a finite number.")
+        raise OptionError("The window width must be a positive number and the centre a finite number.")
     return centre, width
 
 

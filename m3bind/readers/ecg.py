@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 from scipy.signal import resample_poly
 
-from ..errors import CorruptFileError, InputError, InputTooLargeError, UnsupportedFormatError, WrongModalityError
+from ..errors import (CorruptFileError, InputError, InputTooLargeError, MissingFileError, OptionError,
+                      UnsupportedFormatError, WrongModalityError)
 from ..sample import Sample
 from . import Limits
 
@@ -95,14 +96,15 @@ def _lead_index(name: str) -> int | None:
     return _LEAD_KEYS.get(_lead_key(name))
 
 
-def _check_fs(fs: object) -> float:
+def _check_fs(fs: object, error: type[InputError] = CorruptFileError) -> float:
+    """The rate as a float; ``error`` says whose it is: the file's (default) or the caller's (``OptionError``)."""
     try:
         value = float(fs)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise InputError(f"The sampling rate {fs!r} is not a number.") from None
+        raise error(f"The sampling rate {fs!r} is not a number.") from None
     if not (math.isfinite(value) and FS_RANGE[0] <= value <= FS_RANGE[1]):
-        raise InputError(f"A sampling rate of {value:g} Hz is not plausible for an ECG; "
-                         f"expected {FS_RANGE[0]:g} to {FS_RANGE[1]:g} Hz.")
+        raise error(f"A sampling rate of {value:g} Hz is not plausible for an ECG; "
+                    f"expected {FS_RANGE[0]:g} to {FS_RANGE[1]:g} Hz.")
     return value
 
 
@@ -121,7 +123,7 @@ def _match_leads(names: Sequence[str]) -> tuple[dict[int, int], list[str], bool]
     if all(_GENERIC_NAME.fullmatch(_lead_key(n)) for n in names):
         if len(names) == len(LEADS):
             return dict(enumerate(range(len(LEADS)))), [], True
-        raise InputError(
+        raise UnsupportedFormatError(
             f"The ECG has {len(names)} unnamed channels. Without lead names it must have exactly 12, in the "
             "standard order I, II, III, aVR, aVL, aVF, V1-V6; otherwise name the leads in a header row.")
     shown = ", ".join(str(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
@@ -218,7 +220,7 @@ def sample_from_signal(signal: np.ndarray, fs: float, lead_names: Sequence[str],
             f"The ECG has {n_samples} samples per lead; at most {limits.max_ecg_samples} are accepted.")
     fs = _check_fs(fs)
     if n_samples / fs < MIN_SECONDS:
-        raise InputError(f"The ECG lasts only {n_samples / fs:.2f} s; at least {MIN_SECONDS:g} s are needed.")
+        raise CorruptFileError(f"The ECG lasts only {n_samples / fs:.2f} s; at least {MIN_SECONDS:g} s are needed.")
 
     columns, dropped, assumed = _match_leads(lead_names)
     leads = sorted(columns)
@@ -269,8 +271,8 @@ def _find_header(path: Path, files: Sequence[Path]) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise InputError(f"{path.name} is the signal file of a WFDB record; its header ({path.stem}.hea) "
-                     "is missing. Upload the .hea file together with it.")
+    raise MissingFileError(f"{path.name} is the signal file of a WFDB record; its header ({path.stem}.hea) "
+                           "is missing. Upload the .hea file together with it.")
 
 
 def _find_signal_file(name: str, header: Path, files: Sequence[Path]) -> Path:
@@ -286,7 +288,7 @@ def _find_signal_file(name: str, header: Path, files: Sequence[Path]) -> Path:
     same_kind = [f for f in files if f.suffix.lower() == suffix]
     if len(same_kind) == 1:
         return same_kind[0]  # an upload renamed on the way (e.g. by the browser)
-    raise CorruptFileError(f"The {suffix or 'signal'} file {name} named in the header {header.name} is missing; "
+    raise MissingFileError(f"The {suffix or 'signal'} file {name} named in the header {header.name} is missing; "
                            "upload it together with the header.")
 
 
@@ -400,7 +402,7 @@ def read_wfdb(header_path: Path, limits: Limits, files: Sequence[Path] | None = 
     uploads = [Path(f) for f in files or ()]
     header_file = _find_header(Path(header_path), uploads)
     if not header_file.is_file():
-        raise InputError(f"File not found: {header_file.name}")
+        raise MissingFileError(f"File not found: {header_file.name}")
     if header_file.stat().st_size > _MAX_HEADER_BYTES:
         raise CorruptFileError(f"{header_file.name} is too large to be a WFDB header.")
     rec, sig_len = _read_record_start(header_file, uploads, limits)
@@ -557,17 +559,17 @@ def _parse_csv(data: bytes, limits: Limits) -> tuple[np.ndarray, list[str], floa
 
 def _resolve_fs(sampling_rate: float | None, time_fs: float | None, n_samples: int) -> tuple[float, str]:
     if sampling_rate is not None:
-        fs = _check_fs(sampling_rate)
+        fs = _check_fs(sampling_rate, OptionError)
         if time_fs is not None and abs(time_fs - fs) > 0.01 * fs:
-            raise InputError(f"The sampling rate given ({fs:g} Hz) disagrees with the file's time column "
-                             f"({time_fs:g} Hz).")
+            raise OptionError(f"The sampling rate given ({fs:g} Hz) disagrees with the file's time column "
+                              f"({time_fs:g} Hz).")
         return fs, "given"
     if time_fs is not None:
         return _check_fs(time_fs), "time column"
     by_length = {CANONICAL_SECONDS * rate: rate for rate in STANDARD_RATES}
     if n_samples in by_length:
         return float(by_length[n_samples]), "assumed from a 10-s length"
-    raise InputError(
+    raise OptionError(
         "The ECG file does not state its sampling rate; please enter it (for example 500 Hz). Without it only "
         "a 10-s record is recognised: " + ", ".join(f"{10 * r} samples = {r} Hz" for r in STANDARD_RATES) + ".")
 
