@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import pydicom
 import pytest
+import tifffile
 from PIL import Image
 import m3bind
 from pydicom_testdata import pydicom_file_bytes, pydicom_file_path
@@ -40,6 +41,12 @@ def _image(fmt: str, mode: str = "RGB", size: tuple[int, int] = (64, 48), **opti
     img = Image.fromarray(pixels).convert(mode)
     buffer = BytesIO()
     img.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _tifffile_bytes(planar_rgb: np.ndarray) -> bytes:
+    buffer = BytesIO()
+    tifffile.imwrite(buffer, planar_rgb, photometric="rgb", planarconfig="separate")
     return buffer.getvalue()
 
 
@@ -73,6 +80,16 @@ def _tiff_bomb() -> bytes:
     ifd = struct.pack("<H", len(entries)) + b"".join(
         struct.pack("<HHII", tag, kind, 1, data_offset if tag == 273 else value) for tag, kind, value in entries)
     return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + bytes(16)
+
+
+def _float_rgb_tiff_bomb(tmp: Path) -> bytes:
+    """A float64 planar RGB TIFF (read by tifffile, not Pillow) whose tags claim 100000 x 100000 pixels."""
+    path = tmp / "bomb.tif"
+    tifffile.imwrite(path, np.zeros((3, 8, 8)), photometric="rgb", planarconfig="separate")
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tif.pages.first.tags["ImageWidth"].overwrite(100_000)
+        tif.pages.first.tags["ImageLength"].overwrite(100_000)
+    return path.read_bytes()
 
 
 def _float_tiff_with_nan() -> bytes:
@@ -129,6 +146,9 @@ CASES: dict[str, tuple[Callable[[Path], tuple[object, dict]], type[m3bind.InputE
     "tiff-truncated": (lambda p: (_half(_image("TIFF")), {}), m3bind.CorruptFileError),
     "tiff-forged-100000x100000": (lambda p: (_tiff_bomb(), {}), m3bind.InputTooLargeError),
     "tiff-float-nan": (lambda p: (_float_tiff_with_nan(), {}), m3bind.CorruptFileError),
+    "tiff-float-rgb-forged-100000x100000": (lambda p: (_float_rgb_tiff_bomb(p), {}), m3bind.InputTooLargeError),
+    "tiff-float-rgb-truncated": (lambda p: (_half(_tifffile_bytes(np.ones((3, 64, 64)))), {}),
+                                 m3bind.CorruptFileError),
     "gif-forged-65535x65535": (lambda p: (_gif_bomb(), {}), m3bind.InputTooLargeError),
     "gif-truncated": (lambda p: (_image("GIF", size=(200, 150))[:300], {}), m3bind.CorruptFileError),
     "bmp-truncated": (lambda p: (_half(_image("BMP")), {}), m3bind.CorruptFileError),

@@ -164,6 +164,41 @@ def test_float_tiff_with_nan_is_refused() -> None:
         read_image(_encode(Image.fromarray(values, "F"), "TIFF"), DEFAULT_LIMITS)
 
 
+def _tifffile_bytes(array: np.ndarray, **options) -> bytes:
+    import tifffile
+
+    buffer = BytesIO()
+    tifffile.imwrite(buffer, array, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("planar", [True, False], ids=["planar", "chunky"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_float_rgb_tiff_is_read(planar: bool, dtype) -> None:
+    """README promises float TIFF; Pillow opens no float colour TIFF (nor float64 grey): tifffile reads them."""
+    rgb = skimage.data.astronaut()[::8, ::8].astype(dtype) / 255.0  # a real photograph, 64 x 64
+    stored = np.ascontiguousarray(np.moveaxis(rgb, -1, 0)) if planar else rgb
+    data = _tifffile_bytes(stored, photometric="rgb", planarconfig="separate" if planar else "contig")
+    sample = m3bind.load_input(data)
+    _assert_canonical(sample, 64, 64)
+    assert sample.meta["mode"] == "RGB" and sample.meta["bit_depth"] == np.dtype(dtype).itemsize * 8
+    assert sample.meta["decoder"] == "tifffile" and sample.meta["sample_format"] == "float"
+    np.testing.assert_allclose(sample.data, rgb, atol=1e-6)
+    scaled = read_image(_tifffile_bytes(stored * 4000 - 1000, photometric="rgb",
+                                        planarconfig="separate" if planar else "contig"), DEFAULT_LIMITS)
+    np.testing.assert_allclose(scaled.data, (rgb - rgb.min()) / (rgb.max() - rgb.min()), atol=1e-5)
+
+
+def test_float64_grey_tiff_is_read_and_nan_refused() -> None:
+    values = np.linspace(0.1, 0.9, 32 * 32).reshape(32, 32)
+    sample = read_image(_tifffile_bytes(values), DEFAULT_LIMITS)
+    assert sample.meta["mode"] == "L" and sample.meta["bit_depth"] == 64
+    np.testing.assert_allclose(sample.data[..., 2], values, atol=1e-6)
+    values[3, 3] = np.nan
+    with pytest.raises(m3bind.CorruptFileError, match="NaN"):
+        read_image(_tifffile_bytes(values), DEFAULT_LIMITS)
+
+
 def test_16bit_32bit_tiff_and_bilevel_png() -> None:
     values = (np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)
     sample = read_image(_encode(Image.fromarray(values), "TIFF"), DEFAULT_LIMITS)

@@ -7,7 +7,8 @@ Policies, chosen once here:
   * integer images deeper than 8 bits are scaled by their *effective* bit depth (a 12-bit X-ray in a
     16-bit PNG is divided by 4095, not 65535, so it does not come out nearly black);
   * float images must be finite (NaN/inf raise ``CorruptFileError``); values outside [0, 1] are
-    min-max scaled;
+    min-max scaled; TIFFs that Pillow cannot open (float RGB, float64, planar colour, BigTIFF) are read
+    with tifffile (``meta["decoder"] == "tifffile"``);
   * EXIF orientation is applied, and nothing from EXIF or other metadata chunks reaches ``meta``.
 """
 
@@ -27,6 +28,7 @@ from . import Limits
 PREVIEW_SIDE = 512
 _PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF")  # PIL's JPEG opener also yields MPO files
 _FORMAT_NAMES = {"MPO": "jpeg"}
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def to_unit(array: np.ndarray, bits: int | None = None) -> np.ndarray:
@@ -117,7 +119,13 @@ def read_image(data: bytes, limits: Limits, decode_size: int | None = None) -> S
     (JPEGs decoded with DCT scaling, then resampled as the towers resample), preview included; deeper
     images come out whole. ``meta`` keeps the file's size.
     """
-    with _open_checked(data, limits) as img:
+    try:
+        opened = _open_checked(data, limits)
+    except CorruptFileError:
+        if data[:4] in _TIFF_MAGIC:  # a TIFF variant Pillow does not know: float RGB, float64, BigTIFF, ...
+            return _read_tiff(data, limits)
+        raise
+    with opened as img:
         fmt = _FORMAT_NAMES.get(img.format or "", (img.format or "image").lower())
         size = img.size
         try:
@@ -176,6 +184,58 @@ def _open_checked(data: bytes, limits: Limits) -> Image.Image:
     if w * h > limits.max_pixels:
         raise InputTooLargeError(_too_large(img.size, limits))
     return img
+
+
+def _read_tiff(data: bytes, limits: Limits) -> Sample:
+    """The first page of a TIFF that Pillow cannot open, with tifffile (installed with scikit-image).
+
+    Grey (MINISBLACK/MINISWHITE) or RGB, chunky or planar, of any integer or float sample type; an
+    alpha channel is composited on black. Sizes are checked from the page's tags before decoding.
+    """
+    try:
+        import tifffile
+    except ImportError:
+        raise UnsupportedFormatError("This TIFF variant (e.g. floating-point colour) needs the tifffile "
+                                     "package, which is not installed.") from None
+    try:
+        with tifffile.TiffFile(BytesIO(data)) as tif:
+            page = tif.pages.first
+            width, height = int(page.imagewidth), int(page.imagelength)
+            samples, photometric = int(page.samplesperpixel), int(page.photometric)
+            dtype = page.dtype
+            if width <= 0 or height <= 0:
+                raise CorruptFileError(f"The image header declares an empty image ({width} x {height} pixels).")
+            if width * height > limits.max_pixels:
+                raise InputTooLargeError(_too_large((width, height), limits))
+            axes = page.axes
+            if dtype is None or dtype.kind not in "biuf" or axes not in ("YX", "YXS", "SYX") \
+                    or photometric not in (0, 1, 2) or samples not in ((1, 2) if photometric < 2 else (3, 4)):
+                raise UnsupportedFormatError(
+                    f"This TIFF's pixel layout ({samples} samples of {dtype}, axes {axes}) is not supported.")
+            array = page.asarray()
+    except InputError:
+        raise
+    except Exception as exc:  # bad tags, truncated strips, a compression tifffile cannot decode
+        raise CorruptFileError("The TIFF file is damaged or uses an encoding that cannot be read.") from exc
+    if axes == "SYX":
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and samples in (2, 4):  # colour or grey, then alpha
+        colour = to_unit(array[..., :-1])
+        array = colour * to_unit(array[..., -1:])
+    if photometric == 0:  # MINISWHITE: 0 is white
+        array = 1.0 - to_unit(array)
+    meta = {
+        "format": "tiff",
+        "width": width,
+        "height": height,
+        "mode": ("L", "LA", "RGB", "RGBA")[samples - 1],
+        "bit_depth": dtype.itemsize * 8,
+        "sample_format": {"b": "uint", "u": "uint", "i": "int", "f": "float"}[dtype.kind],
+        "channels": samples,
+        "decoder": "tifffile",
+        "modality_source": "guess",
+    }
+    return image_sample(array, guess_image_modality(array), meta)
 
 
 def _fit(size: tuple[int, int], long_side: int) -> tuple[int, int]:
