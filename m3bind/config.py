@@ -25,6 +25,9 @@ class ImageTowerConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     kind: str = "image"
+    # leading trunk stages (EfficientNet blocks) kept at their base weights: training computes their output
+    # once per image, so a pretrained trunk fine-tunes its upper stages at real resolution on a CPU
+    frozen_stages: int = 0
 
     def describe(self) -> str:
         """One line for model cards."""
@@ -35,7 +38,8 @@ class ImageTowerConfig:
         else:
             arch = self.vision_cfg.get("timm_model_name") or "open_clip vision tower"
         start = f"from `{self.source}`" if self.source else "from scratch"
-        return f"{arch}, {start}, {self.image_size} px"
+        frozen = f", first {self.frozen_stages} stages frozen" if self.frozen_stages else ""
+        return f"{arch}, {start}{frozen}, {self.image_size} px"
 
 
 @dataclass
@@ -57,6 +61,16 @@ class TextTowerConfig:
 
 
 @dataclass
+class DetectorConfig:
+    """The modality detector for plain image files: a linear classifier over a frozen ImageNet trunk's pooled
+    features of the colour image (colour, texture and layout tell a fundus photo from a CT slice)."""
+
+    modalities: list[str] = field(default_factory=list)  # the classes, in the order of the classifier's outputs
+    tower: ImageTowerConfig = field(default_factory=lambda: ImageTowerConfig(image_size=128))
+    min_confidence: float = 0.8  # below this the app says it is unsure and asks the user to pick
+
+
+@dataclass
 class ModelConfig:
     name: str = "m3bind-untrained"
     dim: int = 256
@@ -64,6 +78,7 @@ class ModelConfig:
     towers: dict[str, ImageTowerConfig | EcgTowerConfig] = field(default_factory=dict)
     modality_towers: dict[str, str] = field(default_factory=dict)  # modality name -> tower name
     logit_scale: float = 50.0  # softmax temperature of classify(); calibrated on validation data in train/
+    detector: DetectorConfig | None = None  # tells the modality of plain image files (None: pixel rules)
     format_version: int = 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,7 +93,12 @@ class ModelConfig:
             towers[name] = tower_cls(**{k: tuple(v) if isinstance(v, list) and k != "vision_cfg" else v
                                         for k, v in tower.items()})
         text = TextTowerConfig(**raw.pop("text", {}))
-        return cls(text=text, towers=towers, **raw)
+        detector = raw.pop("detector", None)
+        if detector is not None:
+            tower = {k: tuple(v) if isinstance(v, list) and k != "vision_cfg" else v
+                     for k, v in detector.pop("tower", {}).items()}
+            detector = DetectorConfig(tower=ImageTowerConfig(**tower), **detector)
+        return cls(text=text, towers=towers, detector=detector, **raw)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -94,7 +114,7 @@ class ModelConfig:
 def default_config() -> ModelConfig:
     """The untrained fallback architecture (``load_model`` without a trained model in assets/): one
     EfficientNet-Lite0 tower per image modality."""
-    image_modalities = ("xray", "ct", "mri", "ultrasound", "retina", "pathology", "dermoscopy")
+    image_modalities = ("xray", "ct", "mri", "ultrasound", "retina", "pathology")
     towers: dict[str, ImageTowerConfig | EcgTowerConfig] = {m: ImageTowerConfig() for m in image_modalities}
     towers["ecg"] = EcgTowerConfig()
     return ModelConfig(towers=towers, modality_towers={m: m for m in towers})

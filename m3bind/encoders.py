@@ -74,9 +74,10 @@ class ImageTower(nn.Module):
             return {f"visual.trunk.{k}": v for k, v in package_trunk_state(self.cfg.source, self.visual.trunk).items()}
         return {}
 
-    def preprocess(self, image: np.ndarray, modality: Modality,
+    def preprocess(self, image: np.ndarray, modality: Modality | None,
                    stored_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """(H, W, 3) float in [0, 1] -> (3, S, S): grey if the modality is grey, resized to fit, padded square.
+        """(H, W, 3) float in [0, 1] -> (3, S, S): grey if the modality is grey (colour kept for None), resized
+        to fit, padded square.
 
         Grey images are reduced to one channel first and padding comes after resizing, so the per-item cost
         stays small next to the encoder even for 512-px inputs. ``stored_size``, the (height, width) of the
@@ -84,7 +85,7 @@ class ImageTower(nn.Module):
         pixel grid (rounding twice could add a row of padding, and small towers notice).
         """
         image = np.asarray(image, dtype=np.float32)
-        if modality.grayscale:
+        if modality is not None and modality.grayscale:
             image = (image @ _CHANNEL_MEAN)[..., None]
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         h, w = stored_size or x.shape[1:]
@@ -98,9 +99,44 @@ class ImageTower(nn.Module):
 
     def body(self, pixels: torch.Tensor) -> torch.Tensor:
         """Features below the output head: a timm trunk's pooled features, or a published tower's output."""
+        if self.cfg.frozen_stages:
+            return self.upper_body(self.lower(pixels))
         x = (pixels - self.mean) / self.std
         trunk = getattr(self.visual, "trunk", None)
         return self.visual(x) if trunk is None else trunk(x)
+
+    def _stages(self) -> nn.Module:
+        trunk = getattr(self.visual, "trunk", None)
+        if not hasattr(trunk, "blocks") or not hasattr(trunk, "conv_stem"):
+            raise InputError("frozen_stages needs an EfficientNet-style timm trunk (conv_stem, blocks).")
+        return trunk
+
+    def lower(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen first ``frozen_stages`` stages: feature maps that training computes once per image."""
+        trunk = self._stages()
+        x = trunk.bn1(trunk.conv_stem((pixels - self.mean) / self.std))
+        return trunk.blocks[:self.cfg.frozen_stages](x)
+
+    def upper_body(self, maps: torch.Tensor) -> torch.Tensor:
+        """The trainable rest of the trunk, from ``lower``'s feature maps to pooled features."""
+        trunk = self._stages()
+        x = trunk.bn2(trunk.conv_head(trunk.blocks[self.cfg.frozen_stages:](maps)))
+        return trunk.forward_head(x, pre_logits=True)
+
+    def lower_parameters(self) -> list[nn.Parameter]:
+        if not self.cfg.frozen_stages:
+            return []
+        trunk = self._stages()
+        return [p for m in (trunk.conv_stem, trunk.bn1, trunk.blocks[:self.cfg.frozen_stages]) for p in m.parameters()]
+
+    def train(self, mode: bool = True) -> "ImageTower":
+        """The frozen stages stay in inference mode (their batch-norm statistics are the base weights')."""
+        super().train(mode)
+        if self.cfg.frozen_stages:
+            trunk = self._stages()
+            for m in (trunk.conv_stem, trunk.bn1, trunk.blocks[:self.cfg.frozen_stages]):
+                m.eval()
+        return self
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """The part that adapts cheaply (stage 1 may train only this, on cached ``body`` features)."""

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ModelConfig, default_config
-from .encoders import TextTower, build_tower
+from .encoders import ImageTower, TextTower, build_tower
 from .errors import InputError, WrongModalityError
 from .modalities import get_modality
 from .sample import Sample
@@ -46,6 +46,8 @@ class M3BindModel(nn.Module):
         self.text = text if text is not None else TextTower(config.text, config.dim)
         self.towers = nn.ModuleDict(towers if towers is not None else
                                     {name: build_tower(cfg, config.dim) for name, cfg in config.towers.items()})
+        self.detector = (ImageTower(config.detector.tower, len(config.detector.modalities))
+                         if config.detector else None)
         self.centres = nn.Module()  # per tower: the mean embedding of its training data (zero: not fitted)
         for name in self.towers:
             self.centres.register_buffer(name, torch.zeros(config.dim))
@@ -83,6 +85,31 @@ class M3BindModel(nn.Module):
             raise WrongModalityError(f"The model {self.config.name!r} has no encoder for {get_modality(modality).title}. "
                                      f"It encodes: {', '.join(self.modalities)}.")
         return self.towers[name]
+
+    # ----- modality detection ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def modality_probabilities(self, sample: Sample) -> dict[str, float]:
+        """The detector's probability of each modality for an image sample ({} without a detector)."""
+        if self.detector is None or sample.kind != "image":
+            return {}
+        stored = (sample.meta.get("height"), sample.meta.get("width"))
+        pixels = self.detector.preprocess(sample.data, None, stored if all(stored) else None)
+        probs = torch.softmax(self.detector(pixels[None].to(self.device))[0].float(), dim=0).cpu().numpy()
+        return dict(zip(self.config.detector.modalities, map(float, probs)))
+
+    def route(self, sample: Sample) -> Sample:
+        """Give a plain image whose modality the reader only guessed from simple pixel rules the detector's
+        modality instead, with its confidence (``meta["modality_confidence"]``); files whose header names
+        their modality (DICOM) and samples whose modality the user chose keep it."""
+        if sample.meta.get("modality_source") != "guess":
+            return sample
+        probs = self.modality_probabilities(sample)
+        if probs:
+            best = max(probs, key=probs.get)
+            sample.modality = best
+            sample.meta.update(modality_source="detector", modality_confidence=round(probs[best], 3),
+                               modality_unsure=probs[best] < self.config.detector.min_confidence)
+        return sample
 
     # ----- embedding ------------------------------------------------------------------------------
     def preprocess(self, sample: Sample) -> torch.Tensor:
@@ -171,6 +198,8 @@ class M3BindModel(nn.Module):
         base = {f"text.{k}": v for k, v in self.text.base_state_dict().items()}
         for name, tower in self.towers.items():
             base.update({f"towers.{name}.{k}": v for k, v in tower.base_state_dict().items()})
+        if self.detector is not None:
+            base.update({f"detector.{k}": v for k, v in self.detector.base_state_dict().items()})
         return base
 
     def round_weights(self, dtype: torch.dtype = torch.float16) -> "M3BindModel":
@@ -219,6 +248,8 @@ class M3BindModel(nn.Module):
         base_keys = {f"text.{k}" for k in model.text.base_keys()} | {f"centres.{name}" for name in model.towers}
         for name, tower in model.towers.items():
             base_keys |= {f"towers.{name}.{k}" for k in tower.base_keys()}
+        if model.detector is not None:
+            base_keys |= {f"detector.{k}" for k in model.detector.base_keys()}
         if unexpected or set(missing) - base_keys:
             raise InputError(f"The weights in {directory} do not match its config "
                              f"(unexpected: {unexpected[:3]}, missing: {sorted(set(missing) - base_keys)[:3]}).")

@@ -222,7 +222,7 @@ def test_stage_1_class_term_holds_a_teacher_to_its_zero_shot_choice_while_the_al
     scale = teachers["retina"].config.logit_scale
 
     def choice(model):
-        images = item_embeddings(model, "retina", data["retina"].inputs)
+        images = item_embeddings(model, data["retina"])
         classes = unit(torch.stack([torch.from_numpy(model.embed_text(e)).mean(0) for e in prompts["retina"][0]]))
         return F.log_softmax(scale * images @ classes.T, dim=-1)
 

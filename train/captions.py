@@ -148,6 +148,27 @@ LC25000 = {
     "colon_aca": Concept("colon adenocarcinoma", ("adenocarcinoma of the colon", "malignant colonic glands")),
     "colon_n": Concept("benign colonic tissue", ("normal colonic mucosa", "non-neoplastic colon tissue"), normal=True),
 }
+# Brain MRI tumour classes (Bhuvaji et al.), keyed by the folder names the data stores.
+BRAIN_TUMOR_MRI = {
+    "glioma_tumor": Concept("glioma", ("an intra-axial glioma", "a glial tumor of the brain", "abnormal study: tumor")),
+    "meningioma_tumor": Concept("meningioma", ("an extra-axial dural-based meningioma", "a meningeal tumor",
+                                               "abnormal study: tumor")),
+    "pituitary_tumor": Concept("pituitary tumor", ("a pituitary adenoma", "a sellar mass", "abnormal study: tumor")),
+    "no_tumor": Concept("no tumor", ("a normal brain", "no intracranial mass", "normal study, no abnormality"),
+                        normal=True),
+}
+# Chest CT slices, COVID-19 against everything else (the non-COVID slices are mostly normal lungs).
+COVID_CT = {
+    "COVID": Concept("COVID-19 pneumonia", ("ground-glass opacities", "viral pneumonia",
+                                            "bilateral peripheral ground-glass opacities and consolidation",
+                                            "abnormal study: pneumonia")),
+    "NonCOVID": Concept("no COVID-19 pneumonia", ("normal lungs", "clear lungs without ground-glass opacities",
+                                                  "normal study, no abnormality"), normal=True),
+}
+# NIH ChestX-ray8 labels mined from reports, worded as PneumoniaMNIST's classes (the same finding, the same words).
+NIH_CXR = {"No_findings": PNEUMONIAMNIST[0], "Pneumonia": PNEUMONIAMNIST[1]}
+# IDRiD diabetic retinopathy grades 0-4, worded as RetinaMNIST's grades.
+IDRID_GRADES = {str(grade): concept for grade, concept in enumerate(RETINAMNIST)}
 # covid-chestxray-dataset findings (the last segment of hierarchical labels such as "Pneumonia/Viral/COVID-19").
 COVID_FINDINGS = {
     "covid-19": Concept("COVID-19 pneumonia", ("SARS-CoV-2 pneumonia",

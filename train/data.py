@@ -40,7 +40,8 @@ from m3bind import InputError, Sample, get_modality, load_input
 from m3bind.readers.image import image_sample
 
 from .captions import (
-    BREASTMNIST, COVID_FINDINGS, LC25000, PNEUMONIAMNIST, PTBXL_SUPERCLASSES, RETINAMNIST, Concept,
+    BRAIN_TUMOR_MRI, BREASTMNIST, COVID_CT, COVID_FINDINGS, IDRID_GRADES, LC25000, NIH_CXR, PNEUMONIAMNIST,
+    PTBXL_SUPERCLASSES, RETINAMNIST, Concept,
     clean_text, concept_captions, concept_for, read_csv, resolve_data_root, statement_captions, unique,
 )
 
@@ -380,6 +381,36 @@ def _lc25000(path: Path, data_root: Path, seed: int) -> tuple[list[Pair], list[C
     return pairs, concepts
 
 
+# --------------------------------------------------------------------------- image folders with labels.csv
+
+def _labelled_images(concepts: dict[str, Concept], modality: str, label_column: str = "label",
+                     group_column: str | None = None):
+    """A folder of image files with ``labels.csv`` (``filename``, the label column, optionally a group column).
+
+    Whole groups (patients, source figures) go to one split, 70/10/20 per class; without a group column
+    each file is its own group. Class order is the table's order, so class indices are stable.
+    """
+    keys = list(concepts)
+    captions = {k: tuple(concept_captions(c, modality)) for k, c in concepts.items()}
+
+    def build(path: Path, data_root: Path, seed: int) -> tuple[list[Pair], list[Concept]]:
+        root = path if path.is_dir() else path.parent
+        rows = _checked_rows(root / "labels.csv", ("filename", label_column, *([group_column] if group_column else [])))
+        unknown = sorted({r[label_column] for r in rows} - set(keys))
+        if unknown:
+            raise InputError(f"{root.name}/labels.csv has labels this dataset does not know: {', '.join(unknown[:5])}.")
+        groups = [f"{group_column}:{r[group_column]}" if group_column else f"file:{r['filename']}" for r in rows]
+        splits = group_split(groups, [r[label_column] for r in rows], seed=seed)
+        pairs = []
+        for row, group, split in zip(rows, groups, splits):
+            key, image = row[label_column], root / row["filename"]
+            y = keys.index(key)
+            pairs.append(Pair(f"{root.name}/{row['filename']}", split, modality, y, concepts[key].name, captions[key],
+                              partial(load_input, image, modality), (y,), group=group, source=str(image)))
+        return pairs, [concepts[k] for k in keys]
+    return build
+
+
 # --------------------------------------------------------------------------- PTB-XL (folds) and CinC 2021
 
 PTBXL_CLASSES = tuple(PTBXL_SUPERCLASSES)  # NORM, MI, STTC, CD, HYP: the multi-hot order
@@ -470,4 +501,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "lc25000_lung": DatasetSpec("pathology/lc25000_lung", "pathology", _lc25000),
     "ptbxl": DatasetSpec("ecg/ptbxl", "ecg", _ptbxl, multi_label=True),
     "cinc2021": DatasetSpec("ecg/cinc2021", "ecg", _cinc2021, multi_label=True),
+    "cxr_nih": DatasetSpec("cxr_nih", "xray", _labelled_images(NIH_CXR, "xray", group_column="patient")),
+    "idrid": DatasetSpec("retina/idrid", "retina", _labelled_images(IDRID_GRADES, "retina", label_column="dr_grade")),
+    "brain_tumor_mri": DatasetSpec("mri/brain_tumor", "mri", _labelled_images(BRAIN_TUMOR_MRI, "mri")),
+    "covid_ct": DatasetSpec("ct/covid_ct", "ct", _labelled_images(COVID_CT, "ct", group_column="group")),
 }

@@ -37,9 +37,10 @@ from m3bind.config import EcgTowerConfig, ImageTowerConfig
 from . import distributed
 from .captions import STATUS_CAPTIONS, modality_texts, shared_text_corpus
 from .data import load_dataset
+from .detector import DetectorPlan, fit_detector
 from .stages import (
-    ModalityData, StageConfig, TextFeatures, align, bind, copy_trunk, distill, item_embeddings, load_modality_data,
-    new_teacher, text_only_model, train_teacher,
+    ModalityData, StageConfig, TextFeatures, align, bind, copy_trunk, distill, item_embeddings, joint,
+    load_modality_data, new_teacher, text_only_model, train_teacher,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +72,8 @@ class PipelineConfig:
     teacher: StageConfig = field(default_factory=StageConfig)
     align: StageConfig = field(default_factory=StageConfig)
     distill: StageConfig = field(default_factory=StageConfig)
+    joint: StageConfig = field(default_factory=lambda: StageConfig(steps=0))  # stage 3 (0 steps: no stage 3)
+    detector: DetectorPlan | None = None  # the modality detector of plain image files (None: none)
     shared_texts: int = 4000  # size of the shared text corpus of stage 1
     distill_texts: int | None = None  # cap on stage 2 texts per modality (None: all captions + corpus)
     evaluate: bool = True
@@ -89,6 +92,9 @@ class PipelineConfig:
             if source is not None and (source == name or source not in modalities):
                 raise ValueError(f"{name}: trunk_from must name a modality listed before it, not {source!r}.")
         stages = {k: StageConfig(**raw.pop(k, {})) for k in ("teacher", "align", "distill")}
+        stages["joint"] = StageConfig(**{"steps": 0, **raw.pop("joint", {})})
+        if raw.get("detector") is not None:
+            raw["detector"] = DetectorPlan(**raw["detector"])
         return cls(run_dir=REPO / raw.pop("run_dir"), export_dir=REPO / raw.pop("export_dir"),
                    modalities=modalities, text=TextTowerConfig(**raw.pop("text", {})), **stages, **raw)
 
@@ -190,7 +196,7 @@ def run(cfg: PipelineConfig) -> M3BindModel:
                 pool = [pool[i] for i in sorted(rng.choice(len(pool), cfg.distill_texts, replace=False))]
             texts[m] = pool
         student = text_only_model(cfg.text, cfg.dim, f"{cfg.name}-student", cfg.seed).to(device)
-        images = ({m: item_embeddings(aligned[m], m, data[m].inputs) for m in names}
+        images = ({m: item_embeddings(aligned[m], data[m]) for m in names}
                   if cfg.distill.relational_weight or cfg.distill.class_weight else None)
         distill(student, aligned, texts, cfg.distill, cfg.seed,
                 base_features if cfg.align.lora_layers == 0 else None, images, class_prompts(cfg.distill.class_weight))
@@ -201,6 +207,13 @@ def run(cfg: PipelineConfig) -> M3BindModel:
     student = stage("student", ["text"], train_student)["text"]
 
     bound = bind(aligned, student, cfg.name, cfg.modality_towers)
+    if cfg.joint.steps:
+        bound = stage("joint", ["bound"], lambda: {"bound": joint(bound, training_data(), cfg.joint, cfg.seed,
+                                                                  base_features)})["bound"]
+    if cfg.detector:
+        image_sets = {m: plan.datasets for m, plan in cfg.modalities.items() if plan.tower.kind == "image"}
+        bound = stage("detector", ["bound"], lambda: {"bound": fit_detector(bound, image_sets, cfg.detector,
+                                                                            cfg.data_root, cfg.seed)})["bound"]
     if cfg.export_dtype:
         bound.round_weights(getattr(torch, cfg.export_dtype))
     timings["total"] = sum(timings.values())

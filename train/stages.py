@@ -54,6 +54,9 @@ class ModalityData:
     captions: list[tuple[str, ...]]
     keys: list[Hashable]  # class key per item: items sharing a key are positives of each other
     normal: list[bool | None]  # whether the item is normal (None: unknown), for the shared status captions
+    # (views, N, C, h, w) float16: a tower's frozen stages' output per item (``lower_features``), computed once
+    # and shared by every stage, since frozen stages are the same base weights in every model of a run
+    lower: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -108,6 +111,7 @@ def load_modality_data(model: M3BindModel, modality: str, datasets: Sequence[str
     for name in datasets:
         ds = load_dataset(name, split, data_root=data_root, seed=seed)
         normal_classes = {i for i, c in enumerate(ds.concepts) if c.normal}
+        names = ds.class_names
         pairs = [p for p in ds.pairs if p.modality in accepted]
         if max_items is not None and len(pairs) > max_items:
             keep = np.random.default_rng(seed).choice(len(pairs), max_items, replace=False)
@@ -118,7 +122,8 @@ def load_modality_data(model: M3BindModel, modality: str, datasets: Sequence[str
             inputs.append(model.preprocess(sample).half())
             captions.append(pair.texts)
             classes = set(pair.targets or (pair.label,)) - {-1}
-            keys.append((name, pair.targets or (pair.label,)))
+            # items of one modality that share their classes' names are positives, whichever dataset they are from
+            keys.append((modality, tuple(names[t] for t in sorted(classes))))
             normal.append(classes <= normal_classes if classes else None)
     if not inputs:
         raise ValueError(f"No {split} pairs of modality {modality!r} in {list(datasets)}.")
@@ -231,18 +236,60 @@ def body_features(model: M3BindModel, data: ModalityData, batch_size: int = 256)
     tower = model.tower_for(data.modality)
     was_training = tower.training
     tower.eval()
-    features = torch.cat([tower.body(data.inputs[i:i + batch_size].float().to(model.device))
+    upper = lambda maps: tower.upper_body(maps)  # noqa: E731
+    features = torch.cat([_from_cache(model, data, np.arange(i, min(i + batch_size, len(data))), tower.body, upper)
                           for i in range(0, len(data), batch_size)])
     tower.train(was_training)
     return features
 
 
+def _from_cache(model: M3BindModel, data: ModalityData, rows: np.ndarray, whole, upper) -> torch.Tensor:
+    """``upper`` of the cached frozen-stage maps of ``rows`` (towers with frozen stages), else ``whole`` of
+    their pixels: the same result, without running the frozen stages again."""
+    if frozen_stages(model, data.modality):
+        return upper(lower_features(model, data)[0][torch.from_numpy(rows)].float().to(model.device))
+    return whole(data.inputs[torch.from_numpy(rows)].float().to(model.device))
+
+
+def frozen_stages(model: M3BindModel, modality: str) -> int:
+    """How many leading trunk stages of the modality's tower stay at their base weights (0: none)."""
+    return getattr(model.config.towers.get(model.config.modality_towers.get(modality, modality)), "frozen_stages", 0)
+
+
 @torch.no_grad()
-def item_embeddings(model: M3BindModel, modality: str, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Unit embeddings of preprocessed training inputs (no augmentation), on the CPU."""
+def lower_features(model: M3BindModel, data: ModalityData, views: int = 1, generator: torch.Generator | None = None,
+                   flips: Sequence[str] = (), batch_size: int = 128) -> torch.Tensor:
+    """(views, N, C, h, w) float16: the frozen stages' feature maps of every item, kept in ``data.lower`` and
+    computed only once per view. View 0 is the plain image, each further view an augmented one (``augment``),
+    so training on cached maps still sees jitter."""
+    done = 0 if data.lower is None else len(data.lower)
+    if done >= views:
+        return data.lower
+    tower = model.tower_for(data.modality)
+    generator = generator or torch.Generator().manual_seed(0)
+    out = [] if data.lower is None else list(data.lower)
+    for view in range(done, views):
+        maps = []
+        for i in range(0, len(data), batch_size):
+            pixels = data.inputs[i:i + batch_size].float()
+            if view:
+                pixels = augment(pixels, "image", generator, flips)
+            maps.append(tower.lower(pixels.to(model.device)).half().cpu())
+        out.append(torch.cat(maps))
+    data.lower = torch.stack(out)
+    return data.lower
+
+
+@torch.no_grad()
+def item_embeddings(model: M3BindModel, data: ModalityData, rows: np.ndarray | None = None,
+                    batch_size: int = 256) -> torch.Tensor:
+    """Unit embeddings of training items (all, or ``rows``; no augmentation), on the CPU."""
     model.eval()
-    return torch.cat([model.encode(modality, inputs[i:i + batch_size].float()).cpu()
-                      for i in range(0, len(inputs), batch_size)])
+    rows = np.arange(len(data)) if rows is None else np.asarray(rows)
+    tower = model.tower_for(data.modality)
+    upper = lambda maps: tower.head(tower.upper_body(maps))  # noqa: E731
+    return torch.cat([F.normalize(_from_cache(model, data, rows[i:i + batch_size], tower, upper), dim=-1).cpu()
+                      for i in range(0, len(rows), batch_size)])
 
 
 def fit_centres(model: M3BindModel, data: dict[str, ModalityData], max_items: int = 2000, seed: int = 0) -> None:
@@ -250,7 +297,7 @@ def fit_centres(model: M3BindModel, data: dict[str, ModalityData], max_items: in
     rng = np.random.default_rng(seed)
     for modality, d in data.items():
         rows = np.sort(rng.choice(len(d), min(max_items, len(d)), replace=False))
-        model.set_centre(modality, item_embeddings(model, modality, d.inputs[rows]))
+        model.set_centre(modality, item_embeddings(model, d, rows))
 
 
 def _ensemble(model: M3BindModel, modality: str) -> CnnEnsemble | None:
@@ -332,6 +379,7 @@ class StageConfig:
     class_weight: float = 0.0  # stages 1, 2: keep each teacher's choice among its datasets' classes (zero-shot)
     flips: tuple[str, ...] = ()  # image flips (keys of FLIP_DIMS) that keep this modality's labels true
     class_balance: float = 0.0  # batches favour rare classes: item weight (class count) ** -class_balance
+    cached_views: int = 2  # towers with frozen stages: cached feature maps per item (1 plain + augmented ones)
     extra: dict = field(default_factory=dict)
 
 
@@ -376,11 +424,15 @@ class _PairPath(_TextPath):
         super().__init__(model, cache)
         self.modality, self.log_scale = modality, log_scale
 
-    def forward(self, inputs: torch.Tensor, texts: Sequence[str],
-                head_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``head_only``: ``inputs`` are cached body features and only the tower's head runs."""
+    def forward(self, inputs: torch.Tensor, texts: Sequence[str], head_only: bool = False,
+                from_lower: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``head_only``: ``inputs`` are cached body features and only the tower's head runs; ``from_lower``:
+        they are the frozen stages' cached feature maps and the rest of the tower runs."""
+        tower = self.model.tower_for(self.modality)
         if head_only:
-            image = F.normalize(self.model.tower_for(self.modality).head(inputs.to(self.model.device)), dim=-1)
+            image = F.normalize(tower.head(inputs.to(self.model.device)), dim=-1)
+        elif from_lower:
+            image = F.normalize(tower.head(tower.upper_body(inputs.to(self.model.device))), dim=-1)
         else:
             image = self.model.encode(self.modality, inputs)
         return image, super().forward(texts), self.log_scale.exp().clamp(max=100)
@@ -403,6 +455,8 @@ class _ModalityRun:
         self.batches = data.batches(min(cfg.batch_size, len(data)), self.rng, cfg.status_captions, cfg.class_balance)
         # a head-only run never changes the body: its features are computed once, without augmentation
         self.features = body_features(model, data) if cfg.tower_head_only else None
+        self.lower = (lower_features(model, data, cfg.cached_views, self.generator, cfg.flips)
+                      if self.features is None and frozen_stages(model, data.modality) else None)
         self.encoders = distributed.wrap(_PairPath(model, self.cache, data.modality, self.log_scale))
         # with class_weight: each dataset's classes, and how the model chose among them for every item at the start
         self.class_prompts = list(class_prompts) if cfg.class_weight else []
@@ -416,7 +470,7 @@ class _ModalityRun:
             if self.features is not None:
                 images = F.normalize(self.model.tower_for(self.data.modality).head(self.features), dim=-1)
             else:
-                images = item_embeddings(self.model, self.data.modality, self.data.inputs).to(self.model.device)
+                images = item_embeddings(self.model, self.data).to(self.model.device)
             choice = [F.log_softmax(self.model.config.logit_scale * images @ _class_means(
                 text_embeddings(self.model, [p for e in ensembles for p in e], self.cache), ensembles).T, dim=-1)
                 for ensembles in self.class_prompts]
@@ -438,6 +492,10 @@ class _ModalityRun:
         texts = batch.texts + prompts + list(shared)
         if self.features is not None:
             image, text, scale = self.encoders(self.features[batch.rows], texts, head_only=True)
+        elif self.lower is not None:
+            views = torch.from_numpy(self.rng.integers(len(self.lower), size=len(batch.rows)))
+            maps = self.lower[views, torch.from_numpy(batch.rows)].float()
+            image, text, scale = self.encoders(maps, texts, from_lower=True)
         else:
             inputs = self.data.inputs[batch.rows].float()
             image, text, scale = self.encoders(augment(inputs, self.kind, self.generator, self.cfg.flips), texts)
@@ -464,6 +522,8 @@ def train_teacher(model: M3BindModel, data: ModalityData, cfg: StageConfig, seed
                   trainable_fraction: float = 1.0, base_features: TextFeatures | None = None) -> M3BindModel:
     freeze_text_body(model)
     freeze_tower_bottom(model, data.modality, trainable_fraction)
+    for p in getattr(model.tower_for(data.modality), "lower_parameters", list)():
+        p.requires_grad_(False)
     ensemble = _ensemble(model, data.modality)
     members = ensemble.members if ensemble else 1
     for member in range(members):
@@ -599,6 +659,65 @@ def distill(student: M3BindModel, teachers: dict[str, M3BindModel], texts: dict[
     merge_lora(student)
     student.eval()
     return student
+
+
+class _JointPath(nn.Module):
+    """Every modality's tower head, the text path and the temperature behind one forward (for DDP)."""
+
+    def __init__(self, model: M3BindModel, cache: TextFeatures, log_scale: nn.Parameter):
+        super().__init__()
+        self.model, self.cache, self.log_scale = model, cache, log_scale
+
+    def forward(self, features: dict[str, torch.Tensor],
+                texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image = torch.cat([F.normalize(self.model.tower_for(m).head(f), dim=-1) for m, f in features.items()])
+        text = F.normalize(self.model.text.proj(self.cache(texts)), dim=-1)
+        return image, text, self.log_scale.exp().clamp(max=100)
+
+
+def joint(model: M3BindModel, data: dict[str, ModalityData], cfg: StageConfig, seed: int = 0,
+          base_features: TextFeatures | None = None) -> M3BindModel:
+    """Stage 3: one space for every modality. Each step mixes a batch of every modality's items and captions
+    into one class-aware contrastive loss with the unified text encoder, so a finding of one modality is a
+    negative for the others' items ("diabetic retinopathy" for an ultrasound image) and a typed finding lands
+    among its own modality's items. Only the towers' output heads (on cached body features) and the text
+    projection adapt; the shared normal/abnormal captions (``status_captions``) keep "abnormal" one direction
+    across modalities, which cross-modal image-to-image search reads."""
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    heads = {m: model.tower_for(m).head_parameters() for m in data}
+    for p in [p for ps in heads.values() for p in ps] + list(model.text.proj.parameters()):
+        p.requires_grad_(True)
+    features = {m: body_features(model, d) for m, d in data.items()}
+    seed = distributed.rank_seed(seed)
+    rng = np.random.default_rng(seed)
+    batches = {m: d.batches(min(cfg.batch_size, len(d)), rng, cfg.status_captions) for m, d in data.items()}
+    log_scale = nn.Parameter(torch.tensor(math.log(model.config.logit_scale), device=model.device))
+    tower_params = list({id(p): p for ps in heads.values() for p in ps}.values())
+    optimizer = torch.optim.AdamW([{"params": tower_params, "lr": cfg.tower_lr},
+                                   {"params": list(model.text.proj.parameters()) + [log_scale]}],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = _schedule(optimizer, cfg.steps)
+    cache = base_features if cfg.lora_layers == 0 and base_features is not None else TextFeatures(model)
+    encoders = distributed.wrap(_JointPath(model, cache, log_scale))
+    progress = tqdm(range(cfg.steps), desc="stage 3 joint", disable=not distributed.is_main())
+    for _ in progress:
+        drawn = {m: next(b) for m, b in batches.items()}
+        image, text, scale = encoders({m: features[m][b.rows] for m, b in drawn.items()},
+                                      [t for b in drawn.values() for t in b.texts])
+        keys, text_keys, tags = ([x for b in drawn.values() for x in getattr(b, name)]
+                                 for name in ("keys", "text_keys", "tags"))
+        loss = class_aware_contrastive(image, text, keys, scale, text_keys, tags)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        progress.set_postfix(joint=loss.item())
+    model.config.logit_scale = float(log_scale.detach().exp().clamp(max=100))
+    model.eval()
+    fit_centres(model, data, seed=seed)
+    return model
 
 
 def _class_means(embedded: torch.Tensor, ensembles: list[list[str]]) -> torch.Tensor:
