@@ -65,6 +65,33 @@ def _png(width: int, height: int, idat: bytes) -> bytes:
             + _png_chunk(b"IEND", b""))
 
 
+def png16_zeros(side: int) -> bytes:
+    """A real 16-bit grey PNG of zeros (what PIL writes for an I;16 image), compressed row by row, so that
+    a 10950 x 10950 one (240 MB decoded) is built in a moment and fits in about 250 KB."""
+    header = struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0)
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + 2 * side)  # filter type 0, then the samples
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    return PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def rle_dicom_zeros(side: int) -> bytes:
+    """A real RLE Lossless DICOM (CT_small's header) of side x side 16-bit zeros: two byte-plane segments,
+    each row its own runs of 128, so 10950 x 10950 (240 MB decoded) is under 4 MB on disk."""
+    full, rest = divmod(side, 128)
+    row = b"\x81\x00" * full + (bytes([(1 - rest) & 0xFF, 0]) if rest else b"")
+    segment = row * side
+    frame = struct.pack("<16I", 2, 64, 64 + len(segment), *([0] * 13)) + segment + segment
+    ds = pydicom.dcmread(pydicom_file_path("CT_small.dcm"))
+    ds.Rows = ds.Columns = side
+    ds.PixelData = pydicom.encaps.encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.RLELossless
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def _gif_bomb() -> bytes:
     side = 65535
     screen = struct.pack("<HHBBB", side, side, 0, 0, 0)
@@ -149,6 +176,8 @@ CASES: dict[str, tuple[Callable[[Path], tuple[object, dict]], type[m3bind.InputE
     "tiff-float-rgb-forged-100000x100000": (lambda p: (_float_rgb_tiff_bomb(p), {}), m3bind.InputTooLargeError),
     "tiff-float-rgb-truncated": (lambda p: (_half(_tifffile_bytes(np.ones((3, 64, 64)))), {}),
                                  m3bind.CorruptFileError),
+    "png-16bit-10950x10950-zeros": (lambda p: (png16_zeros(10_950), {}), m3bind.InputTooLargeError),
+    "dicom-rle-10950x10950-16bit-zeros": (lambda p: (rle_dicom_zeros(10_950), {}), m3bind.InputTooLargeError),
     "gif-forged-65535x65535": (lambda p: (_gif_bomb(), {}), m3bind.InputTooLargeError),
     "gif-truncated": (lambda p: (_image("GIF", size=(200, 150))[:300], {}), m3bind.CorruptFileError),
     "bmp-truncated": (lambda p: (_half(_image("BMP")), {}), m3bind.CorruptFileError),
@@ -207,6 +236,25 @@ def test_malformed_input_raises_a_clear_input_error(case: str, tmp_path: Path) -
     assert "Traceback" not in message and "<_io" not in message and "0x" not in message
     assert elapsed < 5.0, f"took {elapsed:.1f} s"
     assert peak < 64 * 2**20, f"allocated {peak / 2**20:.0f} MB while refusing the input"
+
+
+def test_small_on_disk_huge_decoded_files_are_real_and_refused_by_decoded_size(tmp_path: Path) -> None:
+    """The builders make files that decode (small ones are read normally); the large ones are under the pixel
+    limit, so only the decoded-size limit (bytes, checked from the header) stops them."""
+    png = png16_zeros(300)
+    with Image.open(BytesIO(png)) as img:
+        assert img.mode == "I;16" and img.size == (300, 300) and not np.asarray(img).any()
+    dcm = rle_dicom_zeros(300)
+    assert not pydicom.dcmread(BytesIO(dcm)).pixel_array.any()
+    for data in (png, dcm):
+        sample = m3bind.load_input(data)
+        assert sample.data.shape == (300, 300, 3) and np.ptp(sample.data) == 0  # one uniform grey
+    big_png, big_dcm = png16_zeros(10_950), rle_dicom_zeros(10_950)
+    assert len(big_png) < 300_000 and len(big_dcm) < 4_000_000
+    assert 10_950 ** 2 < m3bind.Limits().max_pixels
+    for data in (big_png, big_dcm):
+        with pytest.raises(m3bind.InputTooLargeError, match="once decoded"):
+            m3bind.load_input(data)
 
 
 def test_at_least_twenty_distinct_cases() -> None:

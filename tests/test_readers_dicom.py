@@ -204,6 +204,15 @@ def test_too_many_frames_is_refused_before_decoding() -> None:
         read_dicom(pydicom_file_bytes("examples_ybr_color.dcm"), Limits(max_frames=10))
 
 
+@pytest.mark.parametrize("name, frame_bytes", [("CT_small.dcm", 128 * 128 * 2), ("SC_rgb_rle.dcm", 100 * 100 * 3),
+                                               ("examples_ybr_color.dcm", 240 * 320 * 3)])
+def test_decoded_size_limit_is_per_frame_and_checked_before_decoding(name: str, frame_bytes: int) -> None:
+    data = pydicom_file_bytes(name)
+    assert read_dicom(data, Limits(max_decoded_bytes=frame_bytes)).data.ndim == 3
+    with pytest.raises(m3bind.InputTooLargeError, match="once decoded"):
+        read_dicom(data, Limits(max_decoded_bytes=frame_bytes - 1))
+
+
 def test_enhanced_multiframe_functional_groups() -> None:
     ds = _multiframe_ct(3)
     del ds.RescaleSlope, ds.RescaleIntercept

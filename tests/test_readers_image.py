@@ -260,6 +260,47 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding() -> None:
         read_image(data[: data.index(b"IDAT") + 4], Limits(max_pixels=5_000))
 
 
+@pytest.mark.parametrize("mode, bytes_per_pixel", [("L", 1), ("RGB", 3), ("RGBA", 4), ("I;16", 2), ("F", 4)])
+def test_decoded_size_limit_is_checked_from_the_header_in_bytes(mode: str, bytes_per_pixel: int) -> None:
+    """width x height x channels x bytes per sample, against Limits.max_decoded_bytes, before decoding."""
+    img = Image.fromarray(np.zeros((48, 64), np.uint8)).convert(mode) if mode != "I;16" \
+        else Image.fromarray(np.zeros((48, 64), np.uint16))
+    data = _encode(img, "TIFF" if mode == "F" else "PNG")
+    exact = 64 * 48 * bytes_per_pixel
+    assert read_image(data, Limits(max_decoded_bytes=exact)).data.shape == (48, 64, 3)
+    with pytest.raises(m3bind.InputTooLargeError, match="once decoded"):
+        read_image(data, Limits(max_decoded_bytes=exact - 1))
+    with pytest.raises(m3bind.InputTooLargeError):  # the header alone is enough
+        read_image(data[:200], Limits(max_decoded_bytes=exact - 1))
+
+
+def test_decoded_size_limit_counts_what_is_decoded() -> None:
+    """A JPEG read for batch embedding (decode_size) is decoded small (DCT scaling), so only that counts;
+    a float64 RGB TIFF counts 8 bytes a sample."""
+    photo = _encode(Image.fromarray(skimage.data.astronaut()).resize((2048, 1536)), "JPEG")
+    small = Limits(max_decoded_bytes=2_000_000)  # 2048 x 1536 x 3 = 9.4 MB; at 1/4 scale 590 KB
+    with pytest.raises(m3bind.InputTooLargeError):
+        read_image(photo, small)
+    assert max(read_image(photo, small, decode_size=448).data.shape) == 448
+    rgb = np.zeros((3, 40, 50))
+    data = _tifffile_bytes(rgb, photometric="rgb", planarconfig="separate")
+    read_image(data, Limits(max_decoded_bytes=40 * 50 * 3 * 8))
+    with pytest.raises(m3bind.InputTooLargeError, match="3 channels of 64 bits"):
+        read_image(data, Limits(max_decoded_bytes=40 * 50 * 3 * 8 - 1))
+
+
+def test_default_decoded_size_limit() -> None:
+    """Admits a 4288 x 2848 RGB fundus photograph, a 4096 x 4096 RGB tile and a 3000 x 3000 16-bit DICOM;
+    refuses the 10950 x 10950 16-bit image (under the pixel limit) that took 3 GB to read."""
+    from m3bind.readers import check_decoded_size
+
+    for width, height, channels, depth in ((4288, 2848, 3, 1), (4096, 4096, 3, 1), (3000, 3000, 1, 2)):
+        check_decoded_size(width, height, channels, depth, DEFAULT_LIMITS)
+    assert 10_950 ** 2 < DEFAULT_LIMITS.max_pixels
+    with pytest.raises(m3bind.InputTooLargeError):
+        check_decoded_size(10_950, 10_950, 1, 2, DEFAULT_LIMITS)
+
+
 def test_pil_global_settings_are_left_alone(retina_png: bytes) -> None:
     before = Image.MAX_IMAGE_PIXELS
     read_image(retina_png, Limits(max_pixels=10**9))

@@ -25,6 +25,12 @@ class Limits:
 
     max_bytes: int = 512 * 1024 * 1024
     max_pixels: int = 120_000_000  # per decoded frame (also caps PIL's decompression-bomb check)
+    # Per decoded image or DICOM frame, from the header before decoding: width x height x channels x bytes
+    # per sample. A small file can decode huge (a 233 KB 16-bit PNG of 10950 x 10950 is 240 MB decoded,
+    # and some 3 GB while it is turned into a Sample). 48 MiB admits a 4288 x 2848 RGB photograph
+    # (35 MiB), a 4096 x 4096 RGB tile (48 MiB), a 3000 x 3000 16-bit DICOM (17 MiB), and keeps an 8-bit
+    # colour image under about 400 MB of working memory (a Sample is 12 bytes a pixel).
+    max_decoded_bytes: int = 48 * 1024 * 1024
     max_frames: int = 2_000
     max_ecg_samples: int = 20_000_000  # samples per lead before resampling
     max_ecg_leads: int = 64
@@ -33,6 +39,17 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 IMAGE_FORMATS = ("png", "jpeg", "tiff", "bmp", "webp", "gif")
+
+
+def check_decoded_size(width: int, height: int, channels: int, bytes_per_sample: float, limits: Limits,
+                       what: str = "The image") -> None:
+    """Refuse, before decoding, an item whose decoded pixels would exceed ``limits.max_decoded_bytes``."""
+    size = width * height * channels * bytes_per_sample
+    if size > limits.max_decoded_bytes:
+        depth = f"{channels} channel{'s' if channels != 1 else ''} of {round(bytes_per_sample * 8)} bits"
+        raise InputTooLargeError(
+            f"{what} is {width} x {height} pixels with {depth}: {size / 2**20:.0f} MB once decoded; the limit "
+            f"is {limits.max_decoded_bytes / 2**20:.0f} MB. It was refused before decoding.")
 
 
 def sniff_format(head: bytes, name: str = "") -> str | None:

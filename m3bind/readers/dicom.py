@@ -36,7 +36,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from ..errors import CorruptFileError, InputError, InputTooLargeError, OptionError, UnsupportedFormatError
 from ..modalities import modality_for_dicom_code
 from ..sample import Sample
-from . import Limits
+from . import Limits, check_decoded_size
 from .image import guess_image_modality, image_sample, to_unit
 
 _NOT_IMAGES = {
@@ -191,6 +191,8 @@ def _check_pixel_module(ds: Dataset, limits: Limits) -> tuple[int, str]:
                                  f"megapixels); the limit is {limits.max_pixels / 1e6:.0f} megapixels.")
     if frames > limits.max_frames:
         raise InputTooLargeError(f"The DICOM file has {frames} frames; the limit is {limits.max_frames}.")
+    check_decoded_size(cols, rows, samples, max(1, bits // 8), limits,  # the one frame decoded; 1-bit unpacked
+                       what="The DICOM image" if frames == 1 else "Each frame of the DICOM image")
     return frames, photometric
 
 

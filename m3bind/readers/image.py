@@ -23,7 +23,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from ..errors import CorruptFileError, InputError, InputTooLargeError, UnsupportedFormatError
 from ..sample import Sample
-from . import Limits
+from . import Limits, check_decoded_size
 
 PREVIEW_SIDE = 512
 _PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF")  # PIL's JPEG opener also yields MPO files
@@ -112,7 +112,8 @@ def guess_image_modality(rgb: np.ndarray) -> str:
 
 
 def read_image(data: bytes, limits: Limits, decode_size: int | None = None) -> Sample:
-    """Decode a plain image file; the pixel count is checked from the header before any decoding.
+    """Decode a plain image file; the pixel count and the decoded size in bytes (``Limits.max_pixels``,
+    ``Limits.max_decoded_bytes``) are checked from the header before any decoding.
 
     ``decode_size`` lets a caller that will shrink the image anyway (batch embedding) skip most of the
     decoding work: an 8-bit image larger than that comes out with its long side at ``decode_size``
@@ -134,6 +135,7 @@ def read_image(data: bytes, limits: Limits, decode_size: int | None = None) -> S
                 # JPEG only (others ignore it): DCT scaling (8x8 block means at most) to no less than
                 # decode_size; drafted[1] = where the file's pixels lie in the scaled image
                 drafted = img.draft(None, _fit(size, decode_size)) if decode_size else None
+                check_decoded_size(*img.size, len(img.getbands()), _bytes_per_band(img.mode), limits)
                 img.load()
                 if drafted:  # its EXIF, kept in img.info, goes along
                     img = _shrink(img, _fit(size, decode_size), drafted[1])
@@ -207,6 +209,8 @@ def _read_tiff(data: bytes, limits: Limits) -> Sample:
                 raise CorruptFileError(f"The image header declares an empty image ({width} x {height} pixels).")
             if width * height > limits.max_pixels:
                 raise InputTooLargeError(_too_large((width, height), limits))
+            if dtype is not None:
+                check_decoded_size(width, height, samples, dtype.itemsize, limits)
             axes = page.axes
             if dtype is None or dtype.kind not in "biuf" or axes not in ("YX", "YXS", "SYX") \
                     or photometric not in (0, 1, 2) or samples not in ((1, 2) if photometric < 2 else (3, 4)):
@@ -273,6 +277,15 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
     except ValueError as exc:  # a colour model PIL cannot convert (e.g. LAB TIFF)
         raise UnsupportedFormatError(f"Images in the '{mode}' colour model are not supported.") from exc
+
+
+def _bytes_per_band(mode: str) -> int:
+    """Bytes per sample of a PIL mode once decoded (1-bit images are unpacked to a byte a pixel)."""
+    if mode.startswith("I;16"):
+        return 2
+    if mode in ("I", "F") or mode.startswith(("I;32", "F;32")):
+        return 4
+    return 1
 
 
 def _bit_depth(mode: str) -> int:
