@@ -22,6 +22,10 @@ ECG means the same to the model whatever file it came in:
   (``meta["gappy_leads"]``). A record with no usable lead is refused. Infinite values are refused.
 * **Units.** WFDB values are converted to mV from the header's units (channels in mmHg etc. are
   dropped); CSV/NPY values are taken as mV unless a CSV column name says otherwise ("V1 (uV)").
+* **WFDB frames.** A header may leave out the signal length (it then comes from the signal file's size).
+  A channel with several samples per frame is read at its own rate, fs x samps_per_frame
+  (``meta["samples_per_frame"]``), never as frame averages.
+* **CSV** lines starting with ``#`` are comments, skipped before anything else (the delimiter included).
 * **Sampling rate** of a CSV/NPY: given by the caller, else from a CSV time column; else only a
   10-s length at a common rate is recognised (1000/1250/2500/5000/10000 samples = 100/125/250/500/
   1000 Hz, ``meta["fs_source"]``); anything else is refused with a request for the rate.
