@@ -64,6 +64,7 @@ class Pair:
     targets: tuple[int, ...] = ()  # every positive class (multi-label datasets); (label,) otherwise
     group: str = ""  # what the split kept together: patient, near-duplicate cluster
     source: str = ""  # the file the sample is read from, or the array entry it comes from
+    report: str = ""  # the item's own free text (clinical notes, an ECG report), where the data has one
 
 
 class PairDataset:
@@ -263,10 +264,12 @@ def _covid(path: Path, data_root: Path, seed: int) -> tuple[list[Pair], list[Con
     splits = group_split(groups, [concept.name for _, concept, _, _ in items], seed=seed)
     pairs = []
     for (row, concept, modality, image), group, split in zip(items, groups, splits):
-        texts = unique([clean_text(get(row, "clinicalnotes")), *concept_captions(concept, modality)])
+        notes = clean_text(get(row, "clinicalnotes"))
+        texts = unique([notes, *concept_captions(concept, modality)])
         y = names.index(concept.name)
         pairs.append(Pair(f"covid_cxr/{image.name}", split, modality, y, concept.name, tuple(texts),
-                          partial(load_input, image, modality), (y,), group=f"patient:{group}", source=str(image)))
+                          partial(load_input, image, modality), (y,), group=f"patient:{group}", source=str(image),
+                          report=notes or ""))
     return pairs, [concepts[n] for n in names]
 
 

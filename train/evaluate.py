@@ -44,20 +44,31 @@ from threadpoolctl import threadpool_limits
 from m3bind import M3BindModel, load_model
 from m3bind.fewshot import LogisticProbe, PrototypeClassifier
 
-from .captions import BREASTMNIST, LC25000, PNEUMONIAMNIST, PTBXL_SUPERCLASSES, RETINAMNIST
+from .captions import (
+    BRAIN_TUMOR_MRI, BREASTMNIST, COVID_CT, LC25000, PNEUMONIAMNIST, PTBXL_SUPERCLASSES, RETINAMNIST,
+)
 from .data import Pair, load_dataset
+from .detector import detector_accuracy
+from .eval_search import search_suite
 
 log = logging.getLogger(__name__)
 
-SUITES = ("zero_shot", "few_shot", "retrieval", "cross_modal")
+SUITES = ("zero_shot", "few_shot", "retrieval", "cross_modal", "search", "detection")
 FEW_SHOT_METHODS = ("prototype", "logistic")
 
 # (dataset, modality) test sets. CinC 2021 has no held-out split; covid CT is one class in test (zero-shot
 # and few-shot skip what has fewer than two classes).
 EVAL_SETS: tuple[tuple[str, str], ...] = (
-    ("pneumoniamnist", "xray"), ("covid_cxr", "xray"), ("covid_cxr", "ct"), ("breastmnist", "ultrasound"),
-    ("retinamnist", "retina"), ("lc25000_lung", "pathology"), ("ptbxl", "ecg"),
+    ("cxr_nih", "xray"), ("pneumoniamnist", "xray"), ("covid_cxr", "xray"), ("covid_ct", "ct"), ("covid_cxr", "ct"),
+    ("brain_tumor_mri", "mri"), ("breastmnist", "ultrasound"), ("idrid", "retina"), ("retinamnist", "retina"),
+    ("lc25000_lung", "pathology"), ("ptbxl", "ecg"),
 )
+# A two-class reading of a multi-class set, scored from its zero-shot softmax: the probability of the
+# positive classes (IDRiD referable retinopathy: grade 2 or worse; brain MRI: any tumour).
+BINARY_VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "idrid/retina": ("referable DR (grade >= 2)", tuple(c.name for c in RETINAMNIST[2:])),
+    "brain_tumor_mri/mri": ("tumour vs no tumour", ("glioma", "meningioma", "pituitary tumor")),
+}
 # Cross-modal retrieval: one dataset per modality and its "normal" class. An item is normal when its
 # classes are exactly that one, abnormal when it has any other class (ECG: NORM alone is normal, any of
 # MI/STTC/CD/HYP abnormal; breast: malignant abnormal, normal-or-benign normal; retina: grade 0 normal;
@@ -68,6 +79,8 @@ NORMAL_CLASS: dict[str, tuple[str, str]] = {
     "retina": ("retinamnist", RETINAMNIST[0].name),
     "pathology": ("lc25000_lung", LC25000["lung_n"].name),
     "ecg": ("ptbxl", PTBXL_SUPERCLASSES["NORM"].name),
+    "ct": ("covid_ct", COVID_CT["NonCOVID"].name),
+    "mri": ("brain_tumor_mri", BRAIN_TUMOR_MRI["no_tumor"].name),
 }
 
 # The modalities whose ordered pairs make the headline cross-modal mean (pathology pairs are reported too).
@@ -213,6 +226,7 @@ class EvalSet:
     class_names: list[str]
     prompts: dict[str, list[str]]
     pairs: list[Pair]
+    normal_classes: tuple[str, ...] = ()  # the classes that mean "nothing abnormal"
 
     @property
     def key(self) -> str:
@@ -233,7 +247,7 @@ class EvalSet:
 def load_eval_set(dataset: str, modality: str, split: str, data_root: str | Path | None = None) -> EvalSet:
     ds = load_dataset(dataset, split, data_root=data_root)
     return EvalSet(dataset, modality, split, ds.multi_label, ds.class_names, ds.prompts(modality),
-                   [p for p in ds.pairs if p.modality == modality])
+                   [p for p in ds.pairs if p.modality == modality], tuple(c.name for c in ds.concepts if c.normal))
 
 
 def balanced_subset(labels: Sequence[int], limit: int | None, seed: int) -> np.ndarray:
@@ -311,7 +325,14 @@ def zero_shot(embed: Embedder, test: EvalSet) -> dict:
         return {**out, "skipped": "fewer than two classes among the test items"}
     scores = zero_shot_scores(embed(test.pairs), class_embeddings(embed, test.prompts), test.multi_label,
                               embed.model.config.logit_scale)
-    return {**out, **classification_metrics(scores, targets), "auc_ci95": bootstrap_interval(scores, targets)}
+    out = {**out, **classification_metrics(scores, targets), "auc_ci95": bootstrap_interval(scores, targets)}
+    if test.key in BINARY_VIEWS:
+        name, positive = BINARY_VIEWS[test.key]
+        columns = [test.class_names.index(c) for c in positive]
+        score, target = scores[:, columns].sum(1), targets[:, columns].any(1)
+        out["binary"] = {"name": name, "auc": auc(score, target),
+                         "auc_ci95": bootstrap_interval(np.stack([1 - score, score], 1), np.stack([~target, target], 1))}
+    return out
 
 
 def few_shot(embed: Embedder, train: EvalSet, test: EvalSet, config: EvalConfig) -> dict:
@@ -505,6 +526,14 @@ def evaluate(model: M3BindModel, suites: Sequence[str] = SUITES, data_root: str 
         cm_sets = _cross_modal_sets(library, covered)
         results["cross_modal"] = cross_modal({m: embed for m in cm_sets}, cm_sets, config.precision_at)
         log.info("cross-modal done (%.0f s)", time.perf_counter() - started)
+    if "search" in suites and len({s.modality for s in library.values()}) > 1:
+        results["search"] = search_suite(embed, list(library.values()))
+    if "detection" in suites and model.detector is not None:
+        image_sets: dict[str, list[str]] = {}
+        for d, m in EVAL_SETS:
+            if m in model.config.detector.modalities:
+                image_sets.setdefault(m, []).append(d)
+        results["detection"] = detector_accuracy(model, image_sets, split, data_root)
     return _json_safe(results)
 
 
@@ -521,7 +550,7 @@ def compare(bound: M3BindModel, teachers: dict[str, M3BindModel], suites: Sequen
         if modality not in teacher.modalities:
             raise ValueError(f"The counterpart given for {modality!r} encodes only {teacher.modalities}.")
         embed = embedders.setdefault(id(teacher), Embedder(teacher, config.batch_size))
-        own = [s for s in SUITES if s in suites and s != "cross_modal"]
+        own = [s for s in SUITES if s in suites and s not in ("cross_modal", "search", "detection")]
         results["counterparts"][modality] = evaluate(teacher, own, data_root, split, config, [modality], embed)
     if "cross_modal" in suites:
         library = {f"{d}/{m}": load_eval_set(d, m, split, data_root).subset(config.max_library, config.subsample_seed)
@@ -567,6 +596,10 @@ def markdown_table(results: dict) -> str:
             mine = [r] + ([other(m, "zero_shot", key)] if counterparts else [])
             acc = [r.get("accuracy")] + ([other(m, "zero_shot", key, "accuracy")] if counterparts else [])
             lines.append(_row([d, m, r["n"], *map(_fmt_ci, mine), *map(_fmt, acc)]))
+            if "binary" in r:
+                views = [r["binary"]] + ([other(m, "zero_shot", key, "binary")] if counterparts else [])
+                lines.append(_row([f"{d}: {r['binary']['name']}", m, r["n"], *map(_fmt_ci, views),
+                                   *["–"] * len(cols)]))
     if "few_shot" in bound:
         seeds = len(bound["config"]["seeds"])
         lines += ["", f"### Few-shot (k per class from train; mean ± std over {seeds} seeds)", "",
@@ -618,7 +651,30 @@ def markdown_table(results: dict) -> str:
             lines.append(_row([pair, _fmt_ci(r), *([_fmt_ci(u)] if unbound else []),
                                _fmt(r.get(f"p@{k}")), *([_fmt(u.get(f"p@{k}"))] if unbound else []),
                                _fmt(r.get(f"chance_p@{k}"))]))
+    lines += _search_lines(bound)
     return "\n".join(lines) + "\n"
+
+
+def _search_lines(bound: dict) -> list[str]:
+    """The mixed-library search and the modality detector, bound model only (counterparts cannot do either)."""
+    lines = []
+    search = bound.get("search", {})
+    if search.get("queries"):
+        q, notes = search["queries"], search.get("notes", {})
+        lines += ["", f"### Search over one library of every modality ({search['n_library']} test items; plain "
+                  "cosine ranking)", "", _row(["what", "n", "P@10", "R@10", "right modality in top 10", "landing"]),
+                  _row(["---"] * 6),
+                  _row(["free-text queries (`train/eval_search.py`)", q["n"], _fmt(q["p@10"]), _fmt(q["r@10"]),
+                        _fmt(q["modality@10"]), _fmt(q["landing"])])]
+        if notes.get("n"):
+            lines.append(_row(["covid-chestxray clinical notes: abnormal chest images in top 10", notes["n"],
+                               _fmt(notes["abnormal_chest@10"]), "–", f"chance {_fmt(notes['chance'])}", "–"]))
+    if bound.get("detection"):
+        d = bound["detection"]
+        per = ", ".join(f"{m} {v:.3f}" for m, v in d["per_modality"].items())
+        lines += ["", f"### Modality detection of plain image files: {d['accuracy']:.3f} right over {d['n']} test "
+                  f"images ({per})"]
+    return lines
 
 
 def _row(cells: Sequence) -> str:
