@@ -181,6 +181,16 @@ def test_wfdb_header_without_signal_length_is_read(tmp_path, record_line):
     np.testing.assert_array_equal(sample.data, full.data)
 
 
+def test_header_renamed_with_a_dot_is_read(tmp_path):
+    """An upload renamed on the way ("rec.1.hea") keeps working: the header is not cut at its last dot."""
+    signal = _synthetic(250, 10, freqs=(3.0,), n_leads=2)
+    wfdb.wrsamp("rec", fs=250, units=["mV"] * 2, sig_name=["I", "II"], p_signal=signal, fmt=["16"] * 2,
+                adc_gain=[1000.0] * 2, baseline=[0] * 2, write_dir=str(tmp_path))
+    renamed = (tmp_path / "rec.hea").rename(tmp_path / "rec.1.hea")
+    sample = m3bind.load_input(renamed)
+    assert sample.meta["leads_present"] == ["I", "II"]
+
+
 @pytest.mark.parametrize("frame_rate, per_frame", [(125, 4), (1, 500)])
 def test_wfdb_frames_of_several_samples_are_read_at_the_channel_rate(tmp_path, frame_rate, per_frame):
     """Records such as wfdb's 041s01 hold several samples of a channel per frame: the channel's rate is

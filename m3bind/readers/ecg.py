@@ -351,7 +351,8 @@ def _read_record_start(header_file: Path, uploads: Sequence[Path], limits: Limit
 
     with tempfile.TemporaryDirectory(prefix="m3bind-wfdb-") as tmp:
         record = Path(tmp) / (header_file.stem or "record")
-        _link(header_file, record.with_suffix(".hea"))
+        linked_header = Path(tmp) / f"{record.name}.hea"  # not with_suffix: a record name may hold a dot
+        _link(header_file, linked_header)
         try:
             header = wfdb.rdheader(str(record))
         except Exception as exc:
@@ -381,8 +382,8 @@ def _read_record_start(header_file: Path, uploads: Sequence[Path], limits: Limit
             raise CorruptFileError(f"The WFDB record {header_file.stem} holds no samples.")
         _check_length(sig_len * per_frame, limits)
         if header.sig_len is None:  # a valid header without the length: write it in from the file's size
-            record.with_suffix(".hea").unlink()
-            record.with_suffix(".hea").write_text(
+            linked_header.unlink()
+            linked_header.write_text(
                 _header_with_length(header_file.read_text(errors="replace"), sig_len, header.fs))
         sampto = min(sig_len, int(math.ceil((CANONICAL_SECONDS + _MARGIN_S) * fs / per_frame)))
         try:
