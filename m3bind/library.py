@@ -18,9 +18,13 @@ Choices, and why:
   ``target_recall`` wins.
 * **Modality filter** is a faiss ``IDSelectorBitmap`` over ids. A modality with at most
   ``exact_threshold`` items is searched exactly, however rare, by scanning just the IVF lists that hold
-  its items; a larger one is probed with nprobe scaled by 1/(its share of the library), which suits
-  queries near that modality's items; ``exact=True`` makes any search exact (cross-modal queries far
-  from the modality's items, evaluations).
+  its items. A larger one probes, among the lists holding its items, those whose centroid scores within a
+  margin of the query's nearest one: few lists for a query near the modality's items, many for one far from
+  all of them (a cross-modal query, whose true top 10 is spread over many lists). The margin is calibrated
+  per modality at every build, like ``nprobe``: items of the whole library, most of them of other
+  modalities, are searched against exact filtered search, and the smallest margin whose recall@10 reaches
+  ``target_recall`` is kept (saved with the library; one saved without it is calibrated when loaded). A
+  search over several modalities uses the largest of their margins. ``exact=True`` makes any search exact.
 * **Thumbnails**: images become a PNG of at most 128 px; ECGs a 128x48 PNG trace of lead II (or of the
   first recorded lead), so lists of hits need no plotting.
 * **Sources** keep only a file's base name and a SHA-256, never a directory path.
@@ -66,6 +70,7 @@ _INDEX_FILE, _ITEMS_FILE, _META_FILE = "index.faiss", "items.sqlite", "library.j
 _REGROW = 4  # retrain the IVF index when the library has grown this many times past its training size
 _CALIBRATION_QUERIES = 256
 _CALIBRATION_K = 10
+_FILTER_CALIBRATION_QUERIES = 1024  # the 97th percentile of a filter's probing margin is noisy: more queries
 _TRAIN_PER_LIST = 40  # k-means sample size per IVF list (faiss asks for at least 39)
 _TRAIN_ITERATIONS = 10
 _MIN_EXACT_THRESHOLD = 1_000
@@ -115,6 +120,7 @@ class Library:
         self._next_id = 0
         self._trained_size = 0  # items the current IVF index was trained with; 0 while exact
         self._nprobe = 0
+        self._filter_gap: dict[str, float] = {}  # modality -> probing margin of a search filtered to it
         self._modality_names: list[str] = []
         self._modality_of = np.full(0, -1, dtype=np.int16)  # code per id, -1 where absent
         self._counts: np.ndarray | None = None  # items per modality code, recomputed after changes
@@ -166,11 +172,12 @@ class Library:
                 total = len(self) + len(x)
                 if total > self.exact_threshold and (self._trained_size == 0 or
                                                      total > _REGROW * self._trained_size):
-                    self._rebuild(x, ids)
+                    self._rebuild(x, ids, codes)
                 else:
                     self._index.add_with_ids(x, ids)
             self._next_id += len(x)
             self._set_modality(ids, codes)
+            self._calibrate_missing_filters()
         return ids.tolist()
 
     def remove(self, ids: Iterable[int]) -> int:
@@ -209,12 +216,12 @@ class Library:
             if plan is None:
                 results: list[list[Hit]] = [[] for _ in range(len(q))]
             else:
-                params, lists = plan
+                params, lists, gap = plan
                 with _faiss_threads(1 if len(q) < _PARALLEL_BATCH else None):
                     if lists is None:
                         scores, found = self._index.search(q, min(k, len(self)), params=params)
                     else:
-                        scores, found = self._search_lists(q, min(k, len(self)), params, lists)
+                        scores, found = self._search_lists(q, min(k, len(self)), params, lists, gap)
                 rows = self._hit_rows({int(i) for i in found.ravel() if i >= 0})
                 results = [[Hit(score=float(s), **rows[int(i)]) for s, i in zip(srow, irow) if i >= 0]
                            for srow, irow in zip(scores, found)]
@@ -275,21 +282,22 @@ class Library:
 
     def search_text(self, model: Any, text: str | Sequence[str], k: int = 10,
                     modality: str | Iterable[str] | None = None, exact: bool = False) -> list[Hit] | list[list[Hit]]:
-        """Items closest to a finding written as text (one list per text for a list of texts)."""
-        self._check_model(model)
+        """Items closest to a finding written as text (one list per text for a list of texts):
+        ``m3bind.search.search`` with a text query."""
+        from .search import search
+
         texts = [text] if isinstance(text, str) else list(text)
-        results = self.search(np.asarray(model.embed_text(texts), dtype=np.float32), k, modality, exact=exact)
+        results = [search(self, model, t, k, modality=modality, exact=exact) for t in texts]
         return results[0] if isinstance(text, str) else results
 
     def search_sample(self, model: Any, sample: Sample, k: int = 10, modality: str | Iterable[str] | None = None,
                       exclude_modality: str | Iterable[str] | None = None, exact: bool = False) -> list[Hit]:
-        """Items closest to a sample; ``exclude_modality=sample.modality`` gives cross-modal search, where the
-        query is centred (``M3BindModel.centre``) because only other modalities' items are ranked."""
-        self._check_model(model)
-        query = np.asarray(model.embed(sample), dtype=np.float32).reshape(-1)
-        if not _searches(sample.modality, modality, exclude_modality):
-            query = model.centre(query, sample.modality)
-        return self.search(query, k, modality, exclude_modality, exact)
+        """Items closest to a sample: ``m3bind.search.search`` with a sample query. With
+        ``exclude_modality=sample.modality`` (cross-modal search) the query is centred (``M3BindModel.centre``)
+        because only other modalities' items are ranked."""
+        from .search import search
+
+        return search(self, model, sample, k, modality=modality, exclude_modality=exclude_modality, exact=exact)
 
     def _check_model(self, model: Any) -> None:
         if model.fingerprint != self.fingerprint or model.dim != self.dim:
@@ -318,7 +326,8 @@ class Library:
                 meta = {"version": FORMAT_VERSION, "dim": self.dim, "fingerprint": self.fingerprint,
                         "factory": self.index_factory, "exact_threshold": self.exact_threshold,
                         "target_recall": self.target_recall, "next_id": self._next_id,
-                        "trained_size": self._trained_size, "nprobe": self._nprobe, "count": len(self)}
+                        "trained_size": self._trained_size, "nprobe": self._nprobe, "count": len(self),
+                        "filter_gap": self._filter_gap}
             (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
             for name in (_INDEX_FILE, _ITEMS_FILE, _META_FILE):
                 _fsync(tmp / name)
@@ -352,6 +361,7 @@ class Library:
                 settings = {"index_factory": str(meta["factory"]), "exact_threshold": int(meta["exact_threshold"]),
                             "target_recall": float(meta["target_recall"])}
                 state = int(meta["next_id"]), int(meta["trained_size"]), int(meta["nprobe"])
+                gaps = {str(m): float(g) for m, g in meta.get("filter_gap", {}).items()}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CorruptFileError(f"The library {target.name} is damaged (its description cannot be read).") from exc
         if version != FORMAT_VERSION:
@@ -379,6 +389,8 @@ class Library:
             raise CorruptFileError(f"The library {target.name} is damaged (index and items disagree).")
         lib._index, lib._trained_size, lib._nprobe = index, trained_size, nprobe
         lib._next_id = max(next_id, len(lib._modality_of))
+        lib._filter_gap = {m: g for m, g in gaps.items() if m in lib._modality_names}
+        lib._calibrate_missing_filters()  # a library saved before filters were calibrated: done once, here
         return lib
 
     def _load_items(self, items_path: Path) -> None:
@@ -428,8 +440,9 @@ class Library:
             self._counts = np.bincount(self._modality_of[self._modality_of >= 0], minlength=len(self._modality_names))
         return self._counts
 
-    def _plan(self, modality: Any, exclude: Any, exact: bool) -> tuple[faiss.SearchParameters, Any] | None:
-        """(faiss parameters, IVF lists to probe among, or None for faiss's own probing); None: nothing selected."""
+    def _plan(self, modality: Any, exclude: Any, exact: bool) -> tuple[faiss.SearchParameters, Any, Any] | None:
+        """(faiss parameters, IVF lists to probe among or None for faiss's own probing, probing margin or
+        None for ``params.nprobe`` lists); None: nothing selected."""
         codes = set(range(len(self._modality_names)))
         if modality is not None:
             codes &= {self._modality_names.index(m) for m in _names(modality) if m in self._modality_names}
@@ -443,16 +456,19 @@ class Library:
         else:
             selector, holding_lists = self._selection(frozenset(codes))
         if not self._trained_size:
-            return faiss.SearchParameters(sel=selector), None
+            return faiss.SearchParameters(sel=selector), None, None
         nlist = faiss.extract_index_ivf(self._index).nlist
         if selector is None:
-            return faiss.SearchParametersIVF(nprobe=nlist if exact else self._nprobe), None
+            return faiss.SearchParametersIVF(nprobe=nlist if exact else self._nprobe), None, None
         lists, holding = holding_lists()
         if exact or selected <= self.exact_threshold:  # exact: every list that holds a selected item
-            nprobe = len(lists)
-        else:  # the nearest lists among those holding selected items, as many selected items as usual
-            nprobe = min(len(lists), math.ceil(self._nprobe * holding / selected))
-        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe), lists
+            return faiss.SearchParametersIVF(sel=selector, nprobe=len(lists)), lists, None
+        gaps = [self._filter_gap[self._modality_names[c]] for c in codes if self._modality_names[c] in self._filter_gap]
+        if not gaps:  # not calibrated (cannot happen after a build or load): as many selected items as usual
+            nprobe = max(1, min(len(lists), math.ceil(self._nprobe * holding / selected)))
+            return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe), lists, None
+        # the lists holding selected items whose centroid is within the calibrated margin of the nearest one
+        return faiss.SearchParametersIVF(sel=selector), lists, max(gaps)
 
     def _selection(self, codes: frozenset[int]) -> tuple[Any, Any]:
         """A faiss selector of the items of these modalities, and a function giving the IVF lists that
@@ -475,16 +491,23 @@ class Library:
             self._selectors[codes] = (bitmap, faiss.IDSelectorBitmap(bitmap), holding_lists)  # selector borrows bitmap
         return self._selectors[codes][1:]
 
-    def _search_lists(self, q: np.ndarray, k: int, params: Any, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """IVF search of the ``params.nprobe`` lists nearest each query among ``lists``.
+    def _search_lists(self, q: np.ndarray, k: int, params: Any, lists: np.ndarray,
+                      gap: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """IVF search, among ``lists``, of the ``params.nprobe`` lists nearest each query, or with ``gap``
+        of the lists whose centroid scores within ``gap`` of the query's nearest one.
 
         faiss's C entry point is used: its Python wrapper takes no search parameters.
         """
         ivf = faiss.extract_index_ivf(self._index)
         coarse = q @ ivf.quantizer.reconstruct_batch(lists).T
+        if gap is not None:
+            floor = coarse.max(axis=1, keepdims=True) - gap
+            params.nprobe = int((coarse >= floor).sum(axis=1).max())
         if params.nprobe < len(lists):
             nearest = np.argpartition(-coarse, params.nprobe - 1, axis=1)[:, :params.nprobe]
             assign, coarse = lists[nearest], np.take_along_axis(coarse, nearest, axis=1)
+            if gap is not None:
+                assign[coarse < floor] = -1  # faiss skips list -1: each query probes its own lists
         else:
             assign = np.broadcast_to(lists, coarse.shape)
         assign, coarse = np.ascontiguousarray(assign), np.ascontiguousarray(coarse)  # coarse: by-residual codecs
@@ -510,23 +533,48 @@ class Library:
             out[start:start + 65536] = self._index.reconstruct_batch(ids[start:start + 65536])
         return out
 
-    def _rebuild(self, extra: np.ndarray | None = None, extra_ids: np.ndarray | None = None) -> None:
-        """Rebuilds the index for the current size (plus ``extra`` vectors about to be added)."""
+    def _rebuild(self, extra: np.ndarray | None = None, extra_ids: np.ndarray | None = None,
+                 extra_codes: np.ndarray | None = None) -> None:
+        """Rebuilds the index for the current size (plus ``extra`` vectors about to be added, with their
+        modality codes)."""
         ids = np.flatnonzero(self._modality_of >= 0).astype(np.int64)
+        codes = self._modality_of[ids]
         kept = len(ids)
         if extra is not None and kept == 0:
-            x, ids = extra, extra_ids
+            x, ids, codes = extra, extra_ids, extra_codes
         else:
             x = np.empty((kept + (0 if extra is None else len(extra)), self.dim), dtype=np.float32)
             self._reconstruct(ids, out=x[:kept])
             if extra is not None:
-                x[kept:], ids = extra, np.concatenate([ids, extra_ids])
-        self._index = None  # frees the old index before the new one is built
+                x[kept:], ids, codes = extra, np.concatenate([ids, extra_ids]), np.concatenate([codes, extra_codes])
+        self._index, self._filter_gap = None, {}  # frees the old index before the new one is built
         try:
             self._index, self._trained_size, self._nprobe = self._build(x, ids)
+            if self._trained_size:
+                large = [c for c in np.unique(codes) if (codes == c).sum() > self.exact_threshold]
+                self._filter_gap = _calibrate_filters(self._index, x, ids, codes, large, self._modality_names,
+                                                      self.target_recall, np.random.default_rng(len(x) + 1))
         except BaseException:
             self._index, self._trained_size, self._nprobe = self._build(x[:kept], ids[:kept], exact=True)
+            self._filter_gap = {}
             raise
+
+    def _calibrate_missing_filters(self) -> None:
+        """Calibrates the filter of every modality that is larger than ``exact_threshold`` and has none (it
+        grew past the threshold since the last build, or the library was saved before filters were
+        calibrated), from vectors read back from the index."""
+        if not self._trained_size:
+            return
+        counts = self._modality_counts()
+        missing = [c for c, name in enumerate(self._modality_names)
+                   if counts[c] > self.exact_threshold and name not in self._filter_gap]
+        if not missing:
+            return
+        ids = np.flatnonzero(self._modality_of >= 0).astype(np.int64)
+        codes = self._modality_of[ids]
+        self._filter_gap.update(_calibrate_filters(
+            self._index, self._reconstruct, ids, codes, missing, self._modality_names, self.target_recall,
+            np.random.default_rng(len(ids) + 1)))
 
     def _build(self, x: np.ndarray, ids: np.ndarray, exact: bool = False) -> tuple[faiss.Index, int, int]:
         """A new index holding ``x``: (index, trained size, nprobe), the last two 0 for an exact index."""
@@ -591,6 +639,64 @@ def _calibrate_nprobe(index: faiss.Index, x: np.ndarray, ids: np.ndarray, target
         mid = (low + high) // 2
         low, high = (low, mid) if recall(mid) >= target else (mid, high)
     return high
+
+
+def _calibrate_filters(index: faiss.Index, vectors: Any, ids: np.ndarray, codes: np.ndarray,
+                       filters: Iterable[int], names: Sequence[str], target: float,
+                       rng: np.random.Generator) -> dict[str, float]:
+    """For each modality code in ``filters``, the probing margin of a search filtered to it: it probes the IVF
+    lists holding the modality's items whose centroid scores within the margin of the nearest such list,
+    and the smallest margin whose recall@10 against exact filtered search reaches ``target`` is chosen.
+
+    ``vectors`` are the rows of ``ids`` (``codes`` their modalities), as an array or as a function of ids.
+    The queries are items drawn from the whole library, so most of them come from other modalities: a
+    query far from every item of the filter is the hard case (its true top 10 is spread over many lists, so
+    many centroids score alike), a query near them needs few lists, and the margin serves both. A filtered
+    search finds a true neighbour exactly when it probes the list holding it (lists are scanned exactly), so
+    one exact search per query gives the recall of every margin.
+    """
+    ivf = faiss.extract_index_ivf(index)
+    list_of = np.full(int(ids.max()) + 1, -1, dtype=np.int64)  # id -> the IVF list holding it
+    for i in range(ivf.nlist):
+        size = ivf.invlists.list_size(i)
+        if size:
+            list_of[faiss.rev_swig_ptr(ivf.invlists.get_ids(i), size)] = i
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    picked = np.sort(rng.choice(len(ids), min(_FILTER_CALIBRATION_QUERIES, len(ids)), replace=False))
+    query_ids = ids[picked]
+    queries = np.ascontiguousarray(vectors(query_ids) if callable(vectors) else vectors[picked])
+    gaps = {}
+    for code in filters:
+        rows = np.flatnonzero(codes == code)
+        members = ids[rows]
+        x = vectors(members) if callable(vectors) else vectors[rows]
+        truth = members[_top_inner_products(queries, x, _CALIBRATION_K + 1)]  # +1: a query may find itself
+        del x
+        lists = np.unique(list_of[members])
+        coarse = queries @ centroids[lists].T
+        below = coarse.max(axis=1, keepdims=True) - np.take_along_axis(coarse, np.searchsorted(lists, list_of[truth]),
+                                                                        axis=1)  # how far below the nearest list
+        below = np.sort(np.concatenate([row[t != q][:_CALIBRATION_K] for row, t, q in zip(below, truth, query_ids)]))
+        gaps[names[int(code)]] = float(below[max(0, math.ceil(target * len(below)) - 1)]) + 1e-6
+    return gaps
+
+
+def _top_inner_products(queries: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+    """Row positions in ``x`` of each query's k largest inner products, best first (exact; numpy's BLAS,
+    several times faster than ``faiss.knn`` for many queries, in blocks of x to bound memory)."""
+    k = min(k, len(x))
+    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best = np.zeros((len(queries), 0), dtype=np.int64)
+    for start in range(0, len(x), 32768):
+        scores = queries @ x[start:start + 32768].T
+        top = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
+        best_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
+        best = np.concatenate([best, top + start], axis=1)
+        if best.shape[1] > k:
+            keep = np.argpartition(-best_scores, k - 1, axis=1)[:, :k]
+            best_scores, best = np.take_along_axis(best_scores, keep, axis=1), np.take_along_axis(best, keep, axis=1)
+    order = np.argsort(-best_scores, axis=1, kind="stable")
+    return np.take_along_axis(best, order, axis=1)
 
 
 @contextmanager

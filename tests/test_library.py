@@ -155,6 +155,48 @@ def test_modality_filter_with_rare_modality_exact_and_approximate():
         lib.close()
 
 
+def test_filtered_search_keeps_its_recall_for_queries_far_from_the_modality(tmp_path):
+    """20k structured vectors in an IVF index, four modalities of ~5k items: a search filtered to any one of
+    them finds >= 0.95 of its exact filtered top 10, for queries from every modality (most of them far from
+    the filter's items: the cross-modal case), without scanning every list that holds the modality."""
+    dim = 64
+    x, cluster = clustered_vectors(20_000, dim, seed=21)
+    names = np.array(["xray", "ct", "ecg", "retina"])
+    mods = names[cluster % 4]
+    queries, _ = clustered_vectors(1_000, dim, seed=22)  # many: a few far queries weigh on recall
+    lib = Library(dim, "m", exact_threshold=1_000)
+    lib.add(x, [{"modality": m} for m in mods])
+    assert lib.stats()["index"].startswith("IVF")
+    for name in names:
+        assert recall(lib, x, queries, keep=mods == name, modality=name) >= 0.95
+        assert recall(lib, x, queries, keep=mods != name, exclude_modality=name) >= 0.95
+    assert recall(lib, x, queries, keep=np.isin(mods, ["ct", "ecg"]), modality=["ct", "ecg"]) >= 0.95
+    # approximate all the same: the probed lists are fewer than those holding the modality
+    params, lists, gap = lib._plan("xray", None, False)
+    coarse = queries @ faiss.extract_index_ivf(lib._index).quantizer.reconstruct_batch(lists).T
+    probed = (coarse >= coarse.max(axis=1, keepdims=True) - gap).sum(axis=1)
+    assert probed.mean() < 0.8 * len(lists)
+
+    # The calibration is saved; a library saved before it existed is calibrated when loaded, alike.
+    lib.save(tmp_path / "lib")
+    meta = json.loads((tmp_path / "lib" / "library.json").read_text())
+    assert set(meta["filter_gap"]) == set(names)
+    del meta["filter_gap"]
+    (tmp_path / "lib" / "library.json").write_text(json.dumps(meta))
+    old = Library.load(tmp_path / "lib")
+    assert old._filter_gap == pytest.approx(lib._filter_gap, abs=1e-6)
+    assert recall(old, x, queries, keep=mods == "ct", modality="ct") >= 0.95
+    # A modality that grows past exact_threshold without a rebuild is calibrated as it does.
+    extra, _ = clustered_vectors(1_500, dim, seed=23)
+    old.add(extra, [{"modality": "pathology"}] * len(extra))
+    assert "IVF" in old.stats()["index"] and "pathology" in old._filter_gap
+    both = np.concatenate([x, extra])
+    keep = np.arange(len(both)) >= len(x)
+    assert recall(old, both, queries, keep=keep, modality="pathology") >= 0.95
+    old.close()
+    lib.close()
+
+
 def test_approximate_index_agrees_with_exact_after_crossing_threshold(tmp_path):
     """60k structured vectors added in batches cross the threshold (IVF), regrow, then shrink back to exact."""
     dim = 128
