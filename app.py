@@ -8,10 +8,18 @@ endpoint (``gradio_client``), and every unusable input ends in a readable messag
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import functools
+import html
 import io
 import logging
 import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +52,119 @@ CSS = """
 .m3b-warning p {margin:0; color:#7a4700;}
 #results .caption-label, #similar .caption-label {white-space:normal; max-width:100%; font-size:12px;}
 """
+
+
+# ------------------------------------------------------------------------------- private temp folders
+# Uploads (DICOM headers full of patient identifiers), previews and the library's working copy never go to
+# the machine-wide /tmp/gradio: each app process owns <parent>/app-<pid>-*/ (mode 0700, under a 0700 parent
+# of this user), holding uploads/ (Gradio's cache: GRADIO_TEMP_DIR) and tmp/ (the process's temporary files
+# when served by main()). Uploads are deleted once added to the library, and any upload older than
+# UPLOAD_TTL_S seconds is swept; the folder goes when the process ends (SIGTERM/SIGINT included), and the
+# folders of dead processes (SIGKILL) are removed when the next app starts.
+UPLOAD_TTL_S = float(os.environ.get("M3BIND_UPLOAD_TTL", "600"))
+_private: "PrivateDirs | None" = None
+_private_lock = threading.Lock()
+
+
+class PrivateDirs:
+    def __init__(self, root: Path, lock: int):
+        self.root, self.uploads, self.tmp, self._lock = root, root / "uploads", root / "tmp", lock
+        for folder in (self.uploads, self.tmp):
+            folder.mkdir(mode=0o700, exist_ok=True)
+        self._sweeper: threading.Thread | None = None
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def owns(self, path: str | os.PathLike) -> bool:
+        """True for a path inside this process's upload folder."""
+        try:
+            return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(self.uploads))
+        except (OSError, ValueError):
+            return False
+
+    def sweep(self, max_age_s: float = UPLOAD_TTL_S) -> int:
+        """Deletes uploads (and cached previews) older than ``max_age_s``; returns how many."""
+        cutoff, removed = time.time() - max_age_s, 0
+        for folder, dirs, names in os.walk(self.uploads, topdown=False):
+            for name in names:
+                path = os.path.join(folder, name)
+                try:
+                    if os.lstat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        removed += 1
+                except OSError:
+                    pass
+            for name in dirs:
+                try:
+                    os.rmdir(os.path.join(folder, name))  # only empty ones
+                except OSError:
+                    pass
+        return removed
+
+    def start_sweeper(self) -> None:
+        if self._sweeper is None:
+            def loop() -> None:
+                while self.root.exists():
+                    time.sleep(max(1.0, min(60.0, UPLOAD_TTL_S / 2)))
+                    self.sweep()
+            self._sweeper = threading.Thread(target=loop, name="m3bind-upload-sweeper", daemon=True)
+            self._sweeper.start()
+
+
+def private_parent() -> Path:
+    """This user's private parent folder (M3BIND_RUNTIME_DIR, default <tmp>/m3bind-<uid>), mode 0700."""
+    parent = Path(os.environ.get("M3BIND_RUNTIME_DIR") or Path(tempfile.gettempdir()) / f"m3bind-{os.getuid()}")
+    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(parent)
+    if not os.path.isdir(parent) or os.path.islink(parent) or st.st_uid != os.getuid():
+        raise RuntimeError(f"{parent} is not a private folder of this user; set M3BIND_RUNTIME_DIR.")
+    if st.st_mode & 0o077:
+        os.chmod(parent, 0o700)
+    return parent
+
+
+def clean_dead_processes(parent: Path) -> list[str]:
+    """Removes the folders of app processes that are gone (their lock is free); returns their names."""
+    removed = []
+    for folder in parent.glob("app-*"):
+        try:
+            fd = os.open(folder / ".lock", os.O_RDWR)
+        except FileNotFoundError:  # being created right now, or broken: only an old one is removed
+            if folder.is_dir() and time.time() - folder.stat().st_mtime > 60:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder.name)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # alive
+        finally:
+            os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder.name)
+    return removed
+
+
+def private_dirs() -> PrivateDirs:
+    """This process's private folders, made (and the leftovers of dead processes removed) on first use;
+    Gradio's cache is pointed at them before any component exists."""
+    global _private
+    with _private_lock:
+        if _private is None or not _private.root.exists():
+            parent = private_parent()
+            gone = clean_dead_processes(parent)
+            if gone:
+                log.info("removed the temporary folders of %d stopped app process(es)", len(gone))
+            root = Path(tempfile.mkdtemp(prefix=f"app-{os.getpid()}-", dir=parent))  # mode 0700
+            lock = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_EX)  # held (open) for the life of the process
+            _private = PrivateDirs(root, lock)
+            atexit.register(_private.remove)
+        os.environ["GRADIO_TEMP_DIR"] = str(_private.uploads)
+        return _private
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -105,8 +226,11 @@ def _describe(sample: m3bind.Sample) -> str:
     if "detected_modality" in meta:
         how = f"chosen by you (the file looked like {m3bind.get_modality(meta['detected_modality']).title})"
     else:
-        how = {"dicom": "from the DICOM header", "guess": "guessed from the pixels; override it if wrong"}.get(
+        how = {"dicom": "from the DICOM header", "guess": "guessed from the pixels; override it if wrong",
+               "detector": f"recognised from the image, {meta.get('modality_confidence', 0):.0%} sure"}.get(
             meta.get("modality_source"), "from the file")
+        if meta.get("modality_unsure"):
+            how += "; **not sure: please pick the modality above**"
     facts = [f"**{title}** ({how})", str(meta.get("format", "")).upper()]
     if sample.kind == "ecg":
         fs, seconds = meta.get("fs_original"), float(meta.get("duration_s", 10))
@@ -165,6 +289,8 @@ def _header(ws: Workspace) -> str:
 # ----------------------------------------------------------------------------------------------- app
 def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Blocks:
     """The whole page, wired to one model (loaded once here if not given) and its library."""
+    private = private_dirs()  # before any component: Gradio's cache is the app's own folder
+    private.start_sweeper()
     model = model if model is not None else m3bind.load_model()
     ws = Workspace(model, home)
     modality_choices = [("Auto-detect", AUTO)] + [(m3bind.get_modality(m).title, m) for m in model.modalities]
@@ -257,7 +383,12 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
     def add_files(files, label, modality, progress=gr.Progress()):
         if not files:
             raise m3bind.InputError("Choose the files to add first.")
-        result = ws.add_files(files, label, _modality(modality), progress=lambda f, d: progress(f, desc=d))
+        try:
+            result = ws.add_files(files, label, _modality(modality), progress=lambda f, d: progress(f, desc=d))
+        finally:  # read once: the uploads are not kept
+            for path in files:
+                if private.owns(path):
+                    Path(path).unlink(missing_ok=True)
         lines = [f"Added **{result['added']}**, already in the library {result['skipped']}, "
                  f"refused {len(result['refused'])}."]
         lines += [f"- {name}: {reason}" for name, reason in result["refused"][:20]]
@@ -309,9 +440,10 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
         note = f"Classified: **{names}** ({m3bind.get_modality(sample.modality).title}), the file of the Classify tab."
         return figures.probability_figure(probs, title), probs, note
 
-    # Uploads (possibly DICOM files with patient identifiers in their headers) leave Gradio's cache
-    # after an hour; the library keeps only names, hashes and thumbnails.
-    with gr.Blocks(title="M3Bind", delete_cache=(600, 3600)) as demo:
+    # Uploads (possibly DICOM files with patient identifiers in their headers) live in the app's private
+    # folder and leave it after UPLOAD_TTL_S (see private_dirs); the library keeps hashes and thumbnails.
+    ttl = max(1, int(UPLOAD_TTL_S))
+    with gr.Blocks(title="M3Bind", delete_cache=(max(1, min(60, ttl // 2)), ttl)) as demo:
         gr.Markdown(_header(ws))
         if "untrained" in model.config.name:
             gr.Markdown("⚠️ **This model is untrained.** Its probabilities and search results are meaningless; "
@@ -473,6 +605,7 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
                              api_name="fewshot")
     demo.queue(default_concurrency_limit=2)
     demo.m3bind_workspace = ws  # for tests and benchmarks: the app's own state
+    demo.m3bind_private = private
     return demo
 
 
@@ -506,8 +639,19 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(serving_threads())
+    private = private_dirs()
+    tempfile.tempdir = str(private.tmp)  # the library's working copy and every other temporary file too
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     demo = build_app()
-    demo.launch(**launch_options(demo.m3bind_workspace))
+    demo.launch(**launch_options(demo.m3bind_workspace), prevent_thread_lock=True)
+    while not stop.wait(0.5):
+        pass
+    log.info("stopping: closing the server and removing the app's temporary folders")
+    demo.close()
+    demo.m3bind_workspace.library.close()
+    private.remove()
 
 
 if __name__ == "__main__":

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only these modalities (repeatable)")
     search.add_argument("--exclude-modality", action="append", choices=modality_names(), metavar="MODALITY",
                         help="leave these modalities out (repeatable; cross-modal search)")
+    search.add_argument("--per-modality", action="store_true",
+                        help="the best of each modality, merged by score (default: the plain ranking of the "
+                             "shared space)")
     search.set_defaults(run=_search)
 
     classify = commands.add_parser("classify", parents=[common], help="zero-shot classify one file",
@@ -156,6 +159,7 @@ def _index(args: argparse.Namespace) -> dict[str, Any] | None:
 def _search(args: argparse.Namespace) -> dict[str, Any]:
     from .library import Library
     from .readers import load_input
+    from .search import search
 
     if (args.query is None) == (args.file is None):
         raise InputError("Give either a text query or --file FILE, not both.")
@@ -164,10 +168,8 @@ def _search(args: argparse.Namespace) -> dict[str, Any]:
     sample = load_input(args.file) if args.file is not None else None
     model = _model(args)
     with Library.load(args.library, model.fingerprint) as library:
-        if sample is not None:
-            hits = library.search_sample(model, sample, args.k, args.modality, args.exclude_modality)
-        else:
-            hits = library.search(model.embed_text([args.query])[0], args.k, args.modality, args.exclude_modality)
+        hits = search(library, model, sample if sample is not None else args.query, args.k, modality=args.modality,
+                      exclude_modality=args.exclude_modality, per_modality=args.per_modality)
     query = str(args.file) if args.file is not None else args.query
     return {"query": query, "hits": [dataclasses.asdict(h) for h in hits]}
 
@@ -177,7 +179,7 @@ def _classify(args: argparse.Namespace) -> dict[str, Any]:
 
     sample = load_input(args.file, args.modality)  # a bad file fails before the slow model load
     model = _model(args)
-    labels = args.labels or list(get_modality(sample.modality).default_labels)
+    labels = args.labels or list(get_modality(model.route(sample).modality).default_labels)
     probs = model.classify(sample, labels)
     return {"file": str(args.file), "modality": sample.modality,
             "probabilities": dict(sorted(probs.items(), key=lambda kv: -kv[1]))}

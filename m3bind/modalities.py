@@ -69,14 +69,15 @@ register(Modality(
     name="ct", title="CT", kind="image", grayscale=True,
     dicom_codes=("CT",),
     prompt_templates=("a CT scan showing {}", "computed tomography: {}", "{} on CT", "findings: {}"),
-    default_labels=("normal CT", "ground-glass opacities", "consolidation", "pulmonary nodule", "hemorrhage",
-                    "tumor"),
+    default_labels=("normal lungs", "COVID-19 pneumonia", "ground-glass opacities", "consolidation",
+                    "pulmonary nodule"),
 ))
 register(Modality(
     name="mri", title="MRI", kind="image", grayscale=True,
     dicom_codes=("MR",),
     prompt_templates=("an MRI showing {}", "magnetic resonance image: {}", "{} on MRI", "findings: {}"),
-    default_labels=("normal MRI", "tumor", "infarct", "hemorrhage", "white matter lesions"),
+    default_labels=("no tumor", "glioma", "meningioma", "pituitary tumor", "infarct", "hemorrhage",
+                    "white matter lesions"),
 ))
 register(Modality(
     name="ultrasound", title="Ultrasound", kind="image", grayscale=True,
@@ -98,6 +99,8 @@ register(Modality(
                       "{} tissue"),
     default_labels=("benign tissue", "adenocarcinoma", "squamous cell carcinoma", "inflammation", "necrosis"),
 ))
+# Declared for models that bring a dermoscopy tower; the default model has none (no dermoscopy data here), so
+# the app and the API do not offer it with that model.
 register(Modality(
     name="dermoscopy", title="Dermoscopy", kind="image",
     dicom_codes=("XC", "DMS"),

@@ -100,7 +100,8 @@ class M3BindModel(nn.Module):
     def route(self, sample: Sample) -> Sample:
         """Give a plain image whose modality the reader only guessed from simple pixel rules the detector's
         modality instead, with its confidence (``meta["modality_confidence"]``); files whose header names
-        their modality (DICOM) and samples whose modality the user chose keep it."""
+        their modality (DICOM) and samples whose modality the user chose keep it. ``preprocess`` and
+        ``classify`` route every sample first, so each path into the model settles a guess the same way."""
         if sample.meta.get("modality_source") != "guess":
             return sample
         probs = self.modality_probabilities(sample)
@@ -113,7 +114,7 @@ class M3BindModel(nn.Module):
 
     # ----- embedding ------------------------------------------------------------------------------
     def preprocess(self, sample: Sample) -> torch.Tensor:
-        tower = self.tower_for(sample.modality)
+        tower = self.tower_for(self.route(sample).modality)
         if sample.kind == "ecg":
             return tower.preprocess(sample.data, sample.meta.get("lead_mask", [True] * sample.data.shape[0]))
         stored = (sample.meta.get("height"), sample.meta.get("width"))
@@ -188,6 +189,7 @@ class M3BindModel(nn.Module):
             raise InputError("Give at least two different candidate findings to compare.")
         if len(set(labels)) != len(labels):
             raise InputError("The candidate findings contain duplicates.")
+        self.route(sample)
         logits = self.config.logit_scale * (self.label_embeddings(labels, sample.modality) @ self.embed(sample))
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()

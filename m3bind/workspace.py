@@ -31,6 +31,7 @@ from .library import Hit, Library
 from .readers import load_input
 from .readers.image import PREVIEW_SIDE
 from .sample import Sample
+from .search import search
 
 Progress = Callable[[float, str], None]
 # Decoded uploads are kept, so classify/search/explore of one upload decode it once; a 4000 px DICOM
@@ -192,6 +193,7 @@ class Workspace:
         record = records[0]
         sample = load_input(list(record) if len(record) > 1 else record[0], options.modality, window=options.window,
                             sampling_rate=options.sampling_rate, decode_size=self.decode_size)
+        self.model.route(sample)  # a plain image's modality comes from the model's detector
         with self._cache_lock:
             self._cache[key] = (sample, None)
             while len(self._cache) > 1 and sum(_nbytes(s) for s, _ in self._cache.values()) > _CACHE_BYTES:
@@ -215,36 +217,22 @@ class Workspace:
 
     # ------------------------------------------------------------------------------------- search
     def search_text(self, text: str, k: int = 12, modalities: Sequence[str] | None = None,
-                    per_modality: bool = True) -> list[Hit]:
-        """Items nearest a finding. ``per_modality`` takes the top of each modality, so every modality
-        shows up even when one dominates the raw similarity scale."""
-        text = (text or "").strip()
-        if not text:
-            raise InputError("Type a finding to search for, e.g. \"pleural effusion\".")
-        query = self.model.embed_text([text])[0]
-        return self._search(query, k, modalities or None, None, per_modality)
+                    per_modality: bool = False) -> list[Hit]:
+        """Items nearest a finding, through ``m3bind.search.search``: the plain ranking of the shared space,
+        or with ``per_modality`` the best of each modality, so every modality shows up even when one
+        dominates the raw similarity scale."""
+        return search(self.library, self.model, text or "", k, modality=modalities or None,
+                      per_modality=per_modality)
 
     def search_similar(self, files: Any, options: ReadOptions = ReadOptions(), k: int = 12,
                        other_modalities: bool = True) -> tuple[Sample, list[Hit]]:
-        """Items nearest an uploaded input; with ``other_modalities`` only those of other modalities."""
+        """Items nearest an uploaded input; with ``other_modalities`` only those of other modalities, the
+        query centred and the best of each modality shown (``m3bind.search.search``)."""
         sample = self.read(files, options)
-        query = self.embed(files, options)
+        query = self.embed(files, options)  # cached: the upload was embedded once
         exclude = sample.modality if other_modalities else None
-        if other_modalities:  # ranked within other modalities: the query's own modality offset only misleads
-            query = self.model.centre(query, sample.modality)
-        return sample, self._search(query, k, None, exclude, per_modality=other_modalities)
-
-    def _search(self, query: np.ndarray, k: int, modalities: Sequence[str] | None, exclude: str | None,
-                per_modality: bool) -> list[Hit]:
-        if k < 1:
-            raise InputError("Ask for at least one result.")
-        if not per_modality:
-            return self.library.search(query, k, modalities, exclude)
-        present = [m for m in self.library.stats()["per_modality"]
-                   if (not modalities or m in modalities) and m != exclude]
-        each = max(1, -(-k // max(1, len(present))))
-        hits = [h for m in present for h in self.library.search(query, each, m)]
-        return sorted(hits, key=lambda h: -h.score)[:max(k, len(present))]
+        return sample, search(self.library, self.model, query, k, exclude_modality=exclude,
+                              per_modality=other_modalities, query_modality=sample.modality)
 
     # ------------------------------------------------------------------------------------ explore
     def library_map(self) -> LibraryMap:

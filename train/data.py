@@ -17,6 +17,9 @@ Splits (``train`` / ``val`` / ``test``), chosen so that evaluation items are nev
     official rule holds: 1-8 train, 9 val, 10 test. The copy here stops at fold 9, so fold 9 is the
     held-out test set and fold 8 is carved out of the training folds as validation.
   * CinC 2021: no split; its few records are training material only.
+  * Real-resolution image folders with ``labels.csv`` (NIH chest X-rays, IDRiD fundus photographs, brain
+    MRI, COVID CT): whole groups 70/10/20 per class, by ``patient`` (NIH) or source ``group`` (CT: one
+    source figure or patient); files without a group column are their own group.
 """
 
 from __future__ import annotations

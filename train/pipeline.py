@@ -239,6 +239,16 @@ def model_card(cfg: PipelineConfig, timings: dict[str, float], evaluation: str =
     held_text = "".join(f" The {m} teacher also keeps its choice among its classes from before the stage (the KL "
                         f"divergence of its zero-shot probabilities, weight {w})." for m, p in cfg.modalities.items()
                         if (w := p.align.get("class_weight", cfg.align.class_weight)))
+    joint_text = (f"- Stage 3 ({cfg.joint.steps} steps): every modality's items and captions in one batch, one "
+                  "class-aware contrastive loss with the unified text encoder (towers' output heads and the text "
+                  "projection adapt), so a finding of one modality is a negative for the others' items and typed "
+                  f"findings land among their own modality's items; {cfg.joint.status_captions:.0%} of the captions are "
+                  "the shared normal/abnormal ones.\n" if cfg.joint.steps else "")
+    detector_text = (f"- Modality detector of plain image files: a linear classifier over the frozen ImageNet "
+                     f"EfficientNet-Lite0's pooled features at {cfg.detector.image_size} px (colour), fitted on up to "
+                     f"{cfg.detector.max_per_dataset} training images per dataset; below "
+                     f"{cfg.detector.min_confidence:.0%} confidence the app asks the user to pick. DICOM files keep "
+                     "the modality of their header.\n" if cfg.detector else "")
     return f"""# {cfg.name}
 
 An M3Bind model trained by `python -m train.pipeline` (config `{cfg.name}`): one tower per modality and one
@@ -273,17 +283,20 @@ Text base: `{cfg.text.source}` (referenced, not copied). Training time on this r
   if cfg.distill.relational_weight else ""}{
   f", and, with weight {cfg.distill.class_weight}, how they choose among each dataset's class prompt ensembles (what "
   "zero-shot classification reads)" if cfg.distill.class_weight else ""}.
-- Each tower's centre (its mean training embedding) is stored: cross-modal image-to-image search centres the
+{joint_text}- Each tower's centre (its mean training embedding) is stored: cross-modal image-to-image search centres the
   query with it (`M3BindModel.centre`), which removes the offset that separates modalities.
-
+{detector_text}
 ## Limits
-- Towers see {", ".join(sorted({f"{t.image_size} px" for t in (p.tower for p in cfg.modalities.values())
-                               if hasattr(t, "image_size")}))} images; fine detail is lost. CT and MRI have no
-  tower of their own here: {", ".join(f"{m} uses the {t} tower" for m, t in cfg.modality_towers.items()) or "none"}.
-- Small training sets (a few hundred to a few thousand items per modality, mostly 28-px MedMNIST images):
-  figures on other hospitals' data will be lower. Probabilities are a softmax over the candidate findings
-  given, not calibrated disease risks.
-- Cross-modal retrieval carries a shared normal/abnormal notion, not specific findings across modalities.
+- Each tower sees its modality at the size in the table (images are fitted into a square and padded); detail
+  finer than that is lost (e.g. retinal microaneurysms). {"".join(f"The {m} modality uses the {t} tower. "
+  for m, t in cfg.modality_towers.items())}
+- What each tower saw is the table's data alone: a few hundred to a few thousand items per modality, from one
+  or two collections each (breast ultrasound only as 28-px MedMNIST images; brain MRI only T1/T2 slices of
+  tumour patients and controls; CT only axial chest slices, COVID-19 against mostly normal lungs). Figures on
+  other hospitals' data will be lower. Probabilities are a softmax over the candidate findings given, not
+  calibrated disease risks.
+- Cross-modal image-to-image retrieval carries a shared normal/abnormal notion, not specific findings across
+  modalities.
 
 ## Evaluation (held-out test splits, computed by `train/evaluate.py` at the end of the run)
 

@@ -686,15 +686,15 @@ def joint(model: M3BindModel, data: dict[str, ModalityData], cfg: StageConfig, s
     model.train()
     for p in model.parameters():
         p.requires_grad_(False)
-    heads = {m: model.tower_for(m).head_parameters() for m in data}
-    for p in [p for ps in heads.values() for p in ps] + list(model.text.proj.parameters()):
+    tower_params = list({id(p): p for m in data for p in model.tower_for(m).head_parameters()}.values())
+    trainable = tower_params + list(model.text.proj.parameters())
+    for p in trainable:
         p.requires_grad_(True)
     features = {m: body_features(model, d) for m, d in data.items()}
     seed = distributed.rank_seed(seed)
     rng = np.random.default_rng(seed)
     batches = {m: d.batches(min(cfg.batch_size, len(d)), rng, cfg.status_captions) for m, d in data.items()}
     log_scale = nn.Parameter(torch.tensor(math.log(model.config.logit_scale), device=model.device))
-    tower_params = list({id(p): p for ps in heads.values() for p in ps}.values())
     optimizer = torch.optim.AdamW([{"params": tower_params, "lr": cfg.tower_lr},
                                    {"params": list(model.text.proj.parameters()) + [log_scale]}],
                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -714,6 +714,8 @@ def joint(model: M3BindModel, data: dict[str, ModalityData], cfg: StageConfig, s
         optimizer.step()
         scheduler.step()
         progress.set_postfix(joint=loss.item())
+    for p in trainable:
+        p.requires_grad_(False)
     model.config.logit_scale = float(log_scale.detach().exp().clamp(max=100))
     model.eval()
     fit_centres(model, data, seed=seed)
