@@ -270,11 +270,13 @@ def lower_features(model: M3BindModel, data: ModalityData, views: int = 1, gener
     out = [] if data.lower is None else list(data.lower)
     for view in range(done, views):
         maps = []
-        for i in range(0, len(data), batch_size):
+        for i in tqdm(range(0, len(data), batch_size), desc=f"frozen stages {data.modality} view {view}", leave=False,
+                      disable=not distributed.is_main()):
             pixels = data.inputs[i:i + batch_size].float()
             if view:
                 pixels = augment(pixels, "image", generator, flips)
-            maps.append(tower.lower(pixels.to(model.device)).half().cpu())
+            pixels = pixels.to(model.device, memory_format=torch.channels_last)  # faster convolutions on a CPU
+            maps.append(tower.lower(pixels).half().cpu().contiguous())
         out.append(torch.cat(maps))
     data.lower = torch.stack(out)
     return data.lower
