@@ -133,6 +133,17 @@ def test_body_part_examined_is_kept() -> None:
     assert m3bind.load_input(pydicom_file_path("J2K_pixelrep_mismatch.dcm")).meta["body_part_examined"] == "HEAD"
 
 
+@pytest.mark.parametrize("value, kept", [("CHEST", "CHEST"), ("brain", "BRAIN"), ("DOE JOHN", None),
+                                         ("MRN 12345678", None), ("ACC 2024 0042", None), ("HEADX", None)])
+def test_body_part_examined_only_passes_defined_terms(tmp_path, value, kept) -> None:
+    """Any 16-character header text used to pass through (issue 18, point 3): now only DICOM's defined terms."""
+    ds = _dataset("CT_small.dcm")
+    ds.BodyPartExamined = value
+    path = tmp_path / "ct.dcm"
+    ds.save_as(path)
+    assert m3bind.load_input(path).meta.get("body_part_examined") == kept
+
+
 def test_header_window_is_applied_with_the_linear_function() -> None:
     sample = m3bind.load_input(pydicom_file_path("MR_small.dcm"))
     assert sample.meta["window_source"] == "dicom" and sample.meta["window"] == [600.0, 1600.0]

@@ -62,6 +62,20 @@ _PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL"
                 "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420"}
 _TO_MILLIVOLT = {"uV": 1e-3, "mV": 1.0, "V": 1e3, "nV": 1e-6}
 _CODE_STRING = re.compile(r"^[A-Z0-9 _]{1,16}$")  # the DICOM CS alphabet: anything else is not a code
+# Body Part Examined (0018,0015): only the defined terms of PS3.16 Annex L (CID 4031 and its older
+# values) pass; a site's own text (a name, an accession, a free note, up to 16 characters) is dropped.
+BODY_PARTS = frozenset("""
+    ABDOMEN ABDOMENPELVIS ACJOINT ADRENAL AMNIOTICFLUID ANKLE ANUS AORTA APPENDIX ARM AXILLA BACK BILEDUCT
+    BLADDER BRAIN BRAINSTEM BREAST BRONCHUS BUTTOCK CALCANEUS CALF CAROTID CEREBELLUM CERVIX CHEEK CHEST
+    CHESTABDOMEN CHESTABDPELVIS CIRCLEOFWILLIS CLAVICLE COCCYX COLON CORNEA CORONARYARTERY CSPINE CTSPINE
+    DUODENUM EAR ELBOW ENDOMETRIUM ESOPHAGUS EXTREMITY EYE EYELID FACE FEMUR FINGER FOOT FOREARM GALLBLADDER
+    HAND HEAD HEADNECK HEART HIP HUMERUS IAC ILEUM ILIUM JAW JEJUNUM KIDNEY KNEE LARYNX LEG LIVER LSPINE
+    LSSPINE LUNG MAXILLA MEDIASTINUM MOUTH NECK NECKCHEST NECKCHESTABDOMEN NECKCHESTABDPELV NOSE ORBIT OVARY
+    PANCREAS PAROTID PATELLA PELVIS PENIS PHARYNX PROSTATE RADIUS RECTUM RETINA RIB SACRUM SCAPULA SCLERA
+    SCROTUM SELLA SHOULDER SKULL SPINE SPLEEN SSPINE STERNUM STOMACH SUBMANDIBULAR TEMPORALBONE TESTIS
+    THIGH THORAX THUMB THYMUS THYROID TIBIA TLSPINE TOE TONGUE TRACHEA TSPINE ULNA URETER URETHRA UTERUS
+    VAGINA VULVA WHOLEBODY WRIST ZYGOMA
+    """.split())
 
 
 def read_dicom(data: bytes, limits: Limits, window: tuple[float, float] | None = None) -> Sample:
@@ -288,7 +302,7 @@ def _technical_meta(ds: Dataset, tsyntax: UID) -> dict[str, Any]:
     for key, keyword in (("modality_code", "Modality"), ("body_part_examined", "BodyPartExamined"),
                          ("photometric_interpretation", "PhotometricInterpretation"),
                          ("voi_lut_function", "VOILUTFunction")):
-        if value := _code(ds, keyword):
+        if (value := _code(ds, keyword)) and (key != "body_part_examined" or value in BODY_PARTS):
             meta[key] = value
     for key, keyword in (("rows", "Rows"), ("columns", "Columns"), ("bits_allocated", "BitsAllocated"),
                          ("bits_stored", "BitsStored"), ("samples_per_pixel", "SamplesPerPixel")):
