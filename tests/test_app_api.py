@@ -303,6 +303,21 @@ def test_library_add_explore_fewshot_reset(client, ws, tiles, dicom_with_identif
     assert "**Library:** 6 items" in summary and len(ws.library) == 6
 
 
+@pytest.mark.parametrize("doc", ["README.md", "docs/app.md"])
+def test_documented_gradio_client_example_runs(served, doc):
+    """The gradio_client example of README.md (and of docs/app.md) runs as written against the real app
+    (issue 18, point 12: README's unpacked five values of an endpoint that returns three)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / doc).read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "gradio_client" in block]
+    code = code.replace("http://127.0.0.1:7860/", served[1]).replace('"chest.dcm"', repr(CT))
+    namespace: dict = {}
+    exec(compile(code, doc, "exec"), namespace)
+    assert len(namespace["probabilities"]) >= 2 and abs(sum(namespace["probabilities"].values()) - 1) < 1e-4
+    assert "CT" in namespace["status"]
+
+
 def test_spaces_and_env_choose_the_interface(ws, monkeypatch):
     import app
 
