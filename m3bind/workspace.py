@@ -6,13 +6,19 @@ only lays out the page. Where things live on disk (``M3BIND_HOME``, default ``~/
     examples/                 the example files (see ``m3bind.examples``), the only folder the app serves
     libraries/<fingerprint>/  one library per model, so a new model never mixes with an old library
 
-The library keeps only a file's base name, a hash and a thumbnail of each item; readers never emit
-patient identifiers, so none are stored.
+The library keeps a hash, the user's label and a thumbnail of each item; file names are patient data
+(``Doe_John.dcm``), so an upload's name is stored only when the library's owner asks for it
+(``keep_names=True``); readers never emit patient identifiers, so none are stored.
+
+A home that cannot be written (read-only ``M3BIND_HOME``) does not stop the app: a saved library is opened
+read-only (adding, removing and resetting are refused with a message), and without one an in-memory library
+of the examples is used (nothing is saved); ``notice`` says which.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -55,11 +61,20 @@ def default_home() -> Path:
 
 
 class Workspace:
-    def __init__(self, model: Any, home: str | os.PathLike | None = None):
+    def __init__(self, model: Any, home: str | os.PathLike | None = None, *, keep_names: bool = False,
+                 read_only: bool = False):
         self.model = model
         self.home = Path(home) if home is not None else default_home()
+        self.keep_names = bool(keep_names)  # the owner's opt-in: store uploads' base names in the library
+        self.read_only = bool(read_only) or not _writable(self.home)
+        self.persistent = True  # False: an in-memory library, nothing saved (an unwritable home, no library)
         self.examples_dir = self.home / "examples"
-        self.examples = example_files(self.examples_dir)
+        try:
+            self.examples = example_files(self.examples_dir)
+        except OSError:  # an unwritable home without the examples: they go to a private temporary folder
+            self.examples_dir = Path(tempfile.mkdtemp(prefix="m3bind-examples-"))
+            self.examples = example_files(self.examples_dir)
+        self._example_hashes = {input_sha256((path,)) for path in self.examples.values()}
         self.library_dir = self.home / "libraries" / model.fingerprint
         # Plain 8-bit images are read no larger than the towers and the preview need (larger ones are resampled
         # to that size as they are read; DICOM is untouched): a 1411-px PNG photo takes 30% less time.
@@ -75,16 +90,57 @@ class Workspace:
     def _open_library(self) -> Library:
         if self.library_dir.exists():
             try:
-                return Library.load(self.library_dir, self.model.fingerprint)
+                library = Library.load(self.library_dir, self.model.fingerprint)
+                if self.read_only:
+                    self.notice = ("The library folder cannot be written, so the library is open read-only: it "
+                                   "can be searched and explored, but files cannot be added or removed.")
+                return library
             except CorruptFileError:
-                aside = self.library_dir.with_name(f"{self.library_dir.name}.damaged-{int(time.time())}")
-                os.rename(self.library_dir, aside)
-                self.notice = (f"The saved library could not be read and was set aside ({aside.name}); "
-                               "a new one was started with the example files.")
+                if self.read_only:
+                    self.notice = "The saved library could not be read; "
+                else:
+                    aside = self.library_dir.with_name(f"{self.library_dir.name}.damaged-{int(time.time())}")
+                    os.rename(self.library_dir, aside)
+                    self.notice = (f"The saved library could not be read and was set aside ({aside.name}); "
+                                   "a new one was started with the example files.")
         library = Library.for_model(self.model)
         self._add_examples(library)
-        library.save(self.library_dir)
+        if self.read_only:
+            self.persistent = False
+            self.notice += ("The library folder (M3BIND_HOME) cannot be written, so the library is kept in memory "
+                            "only: it holds the example files, and files added now are lost when the app stops.")
+        else:
+            library.save(self.library_dir)
         return library
+
+    def _check_writable(self, action: str) -> None:
+        if self.read_only and self.persistent:
+            raise InputError(f"This library is read-only (its folder cannot be written), so files cannot be "
+                             f"{action}; nothing was changed.")
+
+    def _save(self, action: str) -> None:
+        """Saves after a change; if that fails, the library is reloaded from disk (memory stays what disk
+        holds) and the user is told."""
+        if not self.persistent:
+            return
+        try:
+            self.library.save(self.library_dir)
+        except OSError as exc:
+            old, self.library = self.library, Library.load(self.library_dir, self.model.fingerprint)
+            old.close()
+            raise InputError(f"The library could not be saved ({exc.strerror or type(exc).__name__}), so nothing "
+                             f"was {action}.") from None
+
+    def is_example(self, item_id: int) -> bool:
+        """True for a library item made from one of the example files."""
+        try:
+            return self.library.item(int(item_id))["sha256"] in self._example_hashes
+        except KeyError:
+            return False
+
+    def shown_source(self, source: str | None, sha256: str | None) -> str | None:
+        """The file name a page may show: an example's (public) name, or any name when the owner opted in."""
+        return source if self.keep_names or sha256 in self._example_hashes else None
 
     def _add_examples(self, library: Library) -> None:
         samples, items = [], []
@@ -99,9 +155,16 @@ class Workspace:
     def reset_library(self) -> dict[str, Any]:
         """Back to the examples only: the saved library is replaced."""
         with self._write_lock:
+            self._check_writable("reset")
             fresh = Library.for_model(self.model)
             self._add_examples(fresh)
-            fresh.save(self.library_dir)
+            if self.persistent:
+                try:
+                    fresh.save(self.library_dir)
+                except OSError as exc:
+                    fresh.close()
+                    raise InputError(f"The library could not be saved ({exc.strerror or type(exc).__name__}), so "
+                                     "it was not reset.") from None
             old, self.library = self.library, fresh
             old.close()
         return self.library.stats()
@@ -116,6 +179,7 @@ class Workspace:
         records, refused = _records(files)
         added, skipped = 0, 0
         with self._write_lock:
+            self._check_writable("added")
             known = library_hashes(self.library)
             samples, items = [], []
             for i, record in enumerate(records):
@@ -132,22 +196,24 @@ class Workspace:
                     refused.append((record[0].name, str(exc)))
                     continue
                 known.add(sha)
-                items.append({"source": record[0].name, "sha256": sha, "label": label})
+                items.append({"source": record[0].name if self.keep_names else None, "sha256": sha,
+                              "label": label})
                 if len(samples) == _ADD_BATCH or i == len(records) - 1:
                     added += len(self.library.add_samples(self.model, samples, items))
                     samples, items = [], []  # decoded inputs are not kept: memory stays one batch
             if samples:
                 added += len(self.library.add_samples(self.model, samples, items))
             if added:
-                self.library.save(self.library_dir)
+                self._save("added")
         return {"added": added, "skipped": skipped, "refused": refused, "stats": self.library.stats()}
 
     def remove_item(self, item_id: int) -> dict[str, Any]:
         """Takes one item out of the library (a file added by mistake, say) and saves."""
         with self._write_lock:
+            self._check_writable("removed")
             if not self.library.remove([item_id]):
                 raise InputError(f"The library holds no item {item_id}; search again and pick a result.")
-            self.library.save(self.library_dir)
+            self._save("removed")
         return self.library.stats()
 
     def thumbnail(self, item_id: int) -> bytes | None:
@@ -280,6 +346,19 @@ class Workspace:
         clf.fit(np.stack(vectors), labels)
         probs = clf.predict_proba(self.embed(query, options)[None])[0]
         return {c: float(p) for c, p in zip(clf.classes_, probs)}
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be made in ``folder`` (made if missing): tried, since permissions alone do not
+    say it (a read-only mount, an immutable folder, root)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".m3bind-write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+        return True
+    except OSError:
+        return False
 
 
 def _nbytes(sample: Sample) -> int:
