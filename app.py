@@ -9,6 +9,7 @@ endpoint (``gradio_client``), and every unusable input ends in a readable messag
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import fcntl
 import functools
 import html
@@ -168,6 +169,42 @@ def private_dirs() -> PrivateDirs:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+_MARKDOWN_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_{}[]()<>#!|~"})
+
+
+def plain(text: Any) -> str:
+    """Text for a toast or an error message (rendered as HTML by the browser): <, > and & escaped, so file
+    content quoted in a message (a CSV cell, a DICOM value) can never become markup."""
+    return html.escape(str(text), quote=False)
+
+
+def markdown_text(text: Any) -> str:
+    """Untrusted text (a query, a file name, a reason quoting file content) placed into Markdown: every
+    Markdown and HTML special character is backslash-escaped, so it shows as typed and never as a link,
+    an image or a tag."""
+    return " ".join(str(text).split()).translate(_MARKDOWN_SPECIAL)
+
+
+def _allow_reset() -> bool:
+    """Resetting the shared library, or removing its example items, needs the operator's consent."""
+    return os.environ.get("M3BIND_ALLOW_RESET", "").strip().lower() in ("1", "true", "yes")
+
+
+def item_id_of(value: Any) -> int:
+    """A library item id from the API or the page: a whole number that fits, else a readable refusal
+    (1.5 used to be rounded to item 2, 1e30 to fail with "Something went wrong")."""
+    if value is None or value == "":
+        raise m3bind.InputError("Click a search result first; that item is then removed.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise m3bind.InputError(f"{value!r} is not an item id; click a search result.") from None
+    if not number.is_integer() or not 0 <= number < 2**53:
+        raise m3bind.InputError(f"{value!r} is not an item id (ids are whole numbers from 0); "
+                                "click a search result.")
+    return int(number)
+
+
 def _friendly(action: str) -> Callable:
     """Turns InputError into a message in the page (gr.Error); any other failure into a short note,
     with the traceback in the server log only."""
@@ -179,7 +216,7 @@ def _friendly(action: str) -> Callable:
             except gr.Error:
                 raise
             except m3bind.InputError as exc:
-                raise gr.Error(str(exc), title=f"Cannot {action}", print_exception=False) from None
+                raise gr.Error(plain(exc), title=f"Cannot {action}", print_exception=False) from None
             except Exception:
                 log.exception("unexpected failure while trying to %s", action)
                 raise gr.Error("Something went wrong on the server; the details are in its log. "
@@ -268,7 +305,8 @@ def _gallery(ws: Workspace, hits: list) -> list[tuple[Image.Image, str]]:
         png = ws.thumbnail(hit.id)
         image = Image.open(io.BytesIO(png)).convert("RGB") if png else Image.new("RGB", (128, 48), "#dddddd")
         title = m3bind.get_modality(hit.modality).title
-        caption = f"{title} · {hit.score:.3f} · {hit.label or hit.source or ''}"
+        # file names are patient data: only an example's name, or the owner's opt-in (Workspace.keep_names)
+        caption = f"{title} · {hit.score:.3f} · {hit.label or ws.shown_source(hit.source, hit.sha256) or f'item {hit.id}'}"
         items.append((image, caption))
     return items
 
@@ -327,8 +365,8 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
         try:
             sample = ws.read(files, ReadOptions(sampling_rate=float(rate) if rate else None))
         except m3bind.InputError as exc:
-            gr.Warning(str(exc), title="Cannot read this file")
-            return [f"❌ **Cannot read this file.** {exc}", *cleared]
+            gr.Warning(plain(exc), title="Cannot read this file")
+            return [f"❌ **Cannot read this file.** {markdown_text(exc)}", *cleared]
         is_dicom_image = sample.kind == "image" and sample.meta.get("format") == "dicom"
         window = sample.meta.get("window") if is_dicom_image else None
         findings = findings_for(sample.modality, labels)
@@ -359,7 +397,7 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
     @_friendly("search")
     def search_text(query, modalities, k, per_modality):
         hits = ws.search_text(query, int(k), modalities or None, bool(per_modality))
-        return _gallery(ws, hits), f"{len(hits)} results for “{query.strip()}”.", [h.id for h in hits]
+        return _gallery(ws, hits), f"{len(hits)} results for “{markdown_text(query)}”.", [h.id for h in hits]
 
     @_friendly("search")
     def search_similar(files, modality, centre, width, rate, k, other):
@@ -373,11 +411,18 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
         return ids[event.index] if ids and event.index < len(ids) else None
 
     @_friendly("remove this item")
-    def remove_item(item_id):
-        if item_id is None:
-            raise m3bind.InputError("Click a search result first; that item is then removed.")
-        ws.remove_item(int(item_id))
-        return None, f"Item {int(item_id)} was removed from the library.", _library_summary(ws)
+    def remove_item(item_id, confirmed):
+        """Removes the clicked item, only with the confirmation ticked; the example items of the shared
+        library only where the operator allows it (M3BIND_ALLOW_RESET=1)."""
+        item_id = item_id_of(item_id)
+        if not confirmed:
+            raise m3bind.InputError(f"Tick \"Yes, change the shared library\" to remove item {item_id}; "
+                                    "nothing was removed.")
+        if ws.is_example(item_id) and not _allow_reset():
+            raise m3bind.InputError(f"Item {item_id} is one of the library's example files; this server does not "
+                                    "let them be removed (its operator can allow it with M3BIND_ALLOW_RESET=1).")
+        ws.remove_item(item_id)
+        return None, False, f"Item {item_id} was removed from the library.", _library_summary(ws)
 
     @_friendly("add these files")
     def add_files(files, label, modality, progress=gr.Progress()):
@@ -391,15 +436,20 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
                     Path(path).unlink(missing_ok=True)
         lines = [f"Added **{result['added']}**, already in the library {result['skipped']}, "
                  f"refused {len(result['refused'])}."]
-        lines += [f"- {name}: {reason}" for name, reason in result["refused"][:20]]
+        lines += [f"- {markdown_text(name)}: {markdown_text(reason)}" for name, reason in result["refused"][:20]]
         if result["refused"]:
             gr.Warning(f"{len(result['refused'])} file(s) could not be added; see the list.")
         return "\n".join(lines), _library_summary(ws)
 
     @_friendly("reset the library")
-    def reset_library():
+    def reset_library(confirmed):
+        if not _allow_reset():
+            raise m3bind.InputError("This server does not let clients reset its shared library (its operator "
+                                    "can allow it with M3BIND_ALLOW_RESET=1); nothing was changed.")
+        if not confirmed:
+            raise m3bind.InputError("Tick \"Yes, change the shared library\" to reset it; nothing was changed.")
         ws.reset_library()
-        return "The library holds the example files again.", _library_summary(ws)
+        return "The library holds the example files again.", False, _library_summary(ws)
 
     def library_stats():
         return _library_summary(ws)
@@ -416,7 +466,13 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
             sample = ws.read(files, how)
             query = lmap.place(ws.embed(files, how))[0]
             name = f"your upload ({m3bind.get_modality(sample.modality).title})"
-        fig = figures.map_figure(lmap, color_by, query, name or "your upload", list(zip(texts, prompt_xy)))
+        # hover text and legend: no uploads' file names, and labels and prompts as text, never plotly markup
+        shown = dataclasses.replace(
+            lmap, labels=[plain(label) if label else label for label in lmap.labels],
+            sources=[plain(ws.shown_source(src, ws.library.item(int(i))["sha256"]) or "") or None if src else None
+                     for i, src in zip(lmap.ids, lmap.sources)])
+        fig = figures.map_figure(shown, color_by, query, name or "your upload",
+                                 [(plain(t), xy) for t, xy in zip(texts, prompt_xy)])
         return fig, (f"{lmap.method} map of {len(lmap.ids)} library items; the upload and the prompts are placed "
                      "into it without refitting it.")
 
@@ -436,8 +492,7 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
         probs = ws.fewshot(files, named, method, how, bool(use_library), progress=lambda f, d: progress(f, desc=d))
         sample = ws.read(files, how)
         title = "Few-shot probabilities (" + dict((v, k) for k, v in METHODS)[method].split(" (")[0] + ")"
-        names = ", ".join(Path(f).name for f in files)
-        note = f"Classified: **{names}** ({m3bind.get_modality(sample.modality).title}), the file of the Classify tab."
+        note = f"Classified: the file of the Classify tab ({m3bind.get_modality(sample.modality).title})."
         return figures.probability_figure(probs, title), probs, note
 
     # Uploads (possibly DICOM files with patient identifiers in their headers) live in the app's private
@@ -510,20 +565,24 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
                                              object_fit="contain", elem_id="similar")
                 result_ids, similar_ids = gr.State([]), gr.State([])
                 with gr.Row():
-                    selected_item = gr.Number(label="Clicked result (library item)", precision=0, interactive=False,
+                    # no default (0 would name item 0) and no rounding (1.5 would name item 2): see item_id_of
+                    selected_item = gr.Number(None, label="Clicked result (library item)", interactive=False,
                                               elem_id="selected-item")
+                    confirm = gr.Checkbox(False, label="Yes, change the shared library", elem_id="confirm-change",
+                                          info="Needed to remove an item or to reset; cleared after each change.")
                     remove_button = gr.Button("Remove it from the library", variant="stop", elem_id="remove-button")
                 remove_note = gr.Markdown()
                 with gr.Accordion("Add files to the library", open=False):
-                    gr.Markdown("Only the file name, a hash and a thumbnail are kept; nothing from DICOM headers "
-                                "that identifies a patient. The library is saved on the server.")
+                    gr.Markdown("Only a hash, your label and a thumbnail are kept: no file name and nothing from "
+                                "DICOM headers that identifies a patient. The library is saved on the server and "
+                                "the upload is deleted once read.")
                     add_files_input = gr.File(label="Files", file_count="multiple")
                     with gr.Row():
                         add_label = gr.Textbox(label="Label for these files (optional)", placeholder="e.g. pneumonia")
                         add_modality = gr.Dropdown(modality_choices, value=AUTO, label="Modality")
                     with gr.Row():
                         add_button = gr.Button("Add to library", variant="primary")
-                        reset_button = gr.Button("Reset to the examples", variant="stop")
+                        reset_button = gr.Button("Reset to the examples", variant="stop", visible=_allow_reset())
                     add_status = gr.Markdown()
 
             with gr.Tab("Explore", id="explore") as explore_tab:
@@ -587,11 +646,11 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
                              api_name="search_similar")
         gallery.select(pick_result, result_ids, selected_item, api_name=False)
         similar_gallery.select(pick_result, similar_ids, selected_item, api_name=False)
-        remove_button.click(remove_item, selected_item, [selected_item, remove_note, summary],
+        remove_button.click(remove_item, [selected_item, confirm], [selected_item, confirm, remove_note, summary],
                             api_name="remove_from_library", concurrency_id="heavy", concurrency_limit=1)
         add_button.click(add_files, [add_files_input, add_label, add_modality], [add_status, summary],
                          api_name="add_to_library", concurrency_id="heavy", concurrency_limit=1)
-        reset_button.click(reset_library, None, [add_status, summary], api_name="reset_library",
+        reset_button.click(reset_library, confirm, [add_status, confirm, summary], api_name="reset_library",
                            concurrency_id="heavy", concurrency_limit=1)
         demo.load(library_stats, None, summary, api_name="library_stats")
 

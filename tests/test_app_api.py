@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from pydicom.data import get_testdata_file
 
 import m3bind
 from m3bind.library import Library
+from m3bind.workspace import Workspace
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TILES = SHARED / "pathology" / "lc25000_lung"
@@ -234,7 +237,7 @@ def test_similar_items_come_from_other_modalities(client):
     assert same[0]["caption"].startswith("12-lead ECG") and float(same[0]["caption"].split(" · ")[1]) > 0.99
 
 
-def test_library_add_explore_fewshot_reset(client, ws, tiles, dicom_with_identifiers, tmp_path):
+def test_library_add_explore_fewshot_reset(client, ws, tiles, dicom_with_identifiers, tmp_path, monkeypatch):
     assert client.predict(api_name="/library_stats").startswith("**Library:** 6 items")
     junk = tmp_path / "notes.txt"
     junk.write_text("not an image")
@@ -278,7 +281,7 @@ def test_library_add_explore_fewshot_reset(client, ws, tiles, dicom_with_identif
                                  "benign", [handle_file(p) for p in tiles["lung_n"][:2]], "", [],
                                  api_name="/fewshot")
     assert set(probs) == {"adenocarcinoma", "benign"} and abs(sum(probs.values()) - 1) < 1e-4
-    assert tiles["lung_scc"][-1].name in note
+    assert "the file of the Classify tab (Pathology (H&E))" in note and tiles["lung_scc"][-1].name not in note
     _, probs, _ = client.predict(query, "auto", None, None, None, "probe", True, "lung_aca", [], "lung_n", [], "", [],
                               api_name="/fewshot")
     assert set(probs) == {"lung_aca", "lung_n"}
@@ -288,19 +291,91 @@ def test_library_add_explore_fewshot_reset(client, ws, tiles, dicom_with_identif
 
     # one item taken out again: gone from the saved library and from search results
     added_by_mistake = next(h.id for h in ws.search_text("benign lung tissue", 48, ["pathology"]) if h.label == "lung_n")
-    selected, note, summary = client.predict(added_by_mistake, api_name="/remove_from_library")
-    assert selected is None and f"Item {added_by_mistake} was removed" in note and "**Library:** 19 items" in summary
+    with pytest.raises(AppError, match="Tick"):  # not without the confirmation
+        client.predict(added_by_mistake, False, api_name="/remove_from_library")
+    selected, confirmed, note, summary = client.predict(added_by_mistake, True, api_name="/remove_from_library")
+    assert selected is None and confirmed is False
+    assert f"Item {added_by_mistake} was removed" in note and "**Library:** 19 items" in summary
     assert added_by_mistake not in {h.id for h in ws.search_text("lung tissue", 48, None, per_modality=False)}
     saved = Library.load(ws.library_dir, ws.model.fingerprint)
     assert len(saved) == 19
     saved.close()
     with pytest.raises(AppError, match="holds no item"):
-        client.predict(added_by_mistake, api_name="/remove_from_library")
+        client.predict(added_by_mistake, True, api_name="/remove_from_library")
     with pytest.raises(AppError, match="Click a search result first"):
-        client.predict(None, api_name="/remove_from_library")
+        client.predict(None, True, api_name="/remove_from_library")
 
-    status, summary = client.predict(api_name="/reset_library")
-    assert "**Library:** 6 items" in summary and len(ws.library) == 6
+    # the shared library is reset only where the operator allows it, and only with the confirmation
+    with pytest.raises(AppError, match="M3BIND_ALLOW_RESET"):
+        client.predict(True, api_name="/reset_library")
+    assert len(ws.library) == 19
+    monkeypatch.setenv("M3BIND_ALLOW_RESET", "1")
+    with pytest.raises(AppError, match="Tick"):
+        client.predict(False, api_name="/reset_library")
+    status, confirmed, summary = client.predict(True, api_name="/reset_library")
+    assert "**Library:** 6 items" in summary and len(ws.library) == 6 and confirmed is False
+
+
+def test_file_names_are_not_stored_or_shown(client, ws, served, tmp_path):
+    """A patient-style file name is neither stored in the library nor shown in captions, the map's hover text
+    or the few-shot note (issue 18, point 2)."""
+    ds = pydicom.dcmread(CT)
+    ds.PatientID, ds.Rows = "NAME-TEST", ds.Rows  # another hash than the other tests' files
+    ds.PixelData = bytes(reversed(ds.PixelData))
+    named = tmp_path / "Doe_John_19700101.dcm"
+    ds.save_as(named)
+    status, _ = client.predict([handle_file(named)], "", "auto", api_name="/add_to_library")
+    assert "Added **1**" in status
+    item = max(int(i) for i in ws.library.vectors()[0])
+    assert ws.library.item(item)["source"] is None and ws.library.item(item)["sha256"]
+    for file in ws.library_dir.iterdir():
+        assert b"Doe_John" not in file.read_bytes()
+    gallery, _ = client.predict("tumor", ["ct"], 48, False, api_name="/search_text")
+    captions = [g["caption"] for g in gallery]
+    assert f"item {item}" in " ".join(captions) and not any("Doe_John" in c for c in captions)
+    assert any(c.endswith(".dcm") for c in captions)  # the examples' public names stay
+    plot, _ = client.predict("modality", "", False, None, "auto", None, None, None, api_name="/explore")
+    assert "Doe_John" not in plot["plot"]
+    _, _, note = client.predict([handle_file(named)], "auto", None, None, None, "prototype", False,
+                                "a", [handle_file(CT)], "b", [handle_file(ECG_DCM)], "", [], api_name="/fewshot")
+    assert "Doe_John" not in note
+    assert ws.keep_names is False and inspect.signature(Workspace).parameters["keep_names"].default is False
+
+
+def test_removal_needs_a_whole_id_a_selection_and_a_confirmation(client, ws, served):
+    """Nothing selected no longer removes item 0, 1.5 no longer removes item 2, 1e30 gets a readable message,
+    the shared library's example items stay (issue 18, point 7)."""
+    demo = served[0]
+    (box,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "selected-item"]
+    assert box.value is None  # the page's box starts empty, not at item 0
+    before = len(ws.library)
+    for bad in (1.5, 1e30, -1):
+        with pytest.raises(AppError, match="not an item id"):
+            client.predict(bad, True, api_name="/remove_from_library")
+    with pytest.raises(AppError, match="Click a search result first"):
+        client.predict(None, True, api_name="/remove_from_library")
+    example = next(int(i) for i in ws.library.vectors()[0] if ws.is_example(int(i)))
+    with pytest.raises(AppError, match="example files"):
+        client.predict(example, True, api_name="/remove_from_library")
+    assert len(ws.library) == before
+
+
+def test_file_content_and_queries_never_become_markup(client, tmp_path):
+    """A CSV cell or a query with HTML is shown as text: escaped in messages and Markdown (issue 18, point 6)."""
+    import app
+
+    evil = "<img src=http://127.0.0.1:7999/x>"
+    csv = tmp_path / "ecg.csv"
+    csv.write_text(f"I,II,III\n1,{evil},3\n")
+    status = client.predict([handle_file(csv)], "", None, api_name="/open_file")[0]
+    assert "Cannot read this file" in status and "\\<img" in status and not re.search(r"(?<!\\)<", status)
+    with pytest.raises(AppError) as refused:
+        client.predict([handle_file(csv)], "auto", "a\nb", None, None, None, api_name="/classify")
+    assert "&lt;img src=http://127.0.0.1:7999/x&gt;" in str(refused.value) and "<img" not in str(refused.value)
+    _, note = client.predict(f"{evil} [link](http://example.com) ![x](http://example.com/i.png)", [], 2, True,
+                             api_name="/search_text")
+    assert not re.search(r"(?<!\\)[<\[\]]", note) and "\\[link\\]" in note
+    assert app.plain("<b>&") == "&lt;b&gt;&amp;" and app.markdown_text("*a* _b_") == "\\*a\\* \\_b\\_"
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/app.md"])
