@@ -120,7 +120,8 @@ class Library:
         self._next_id = 0
         self._trained_size = 0  # items the current IVF index was trained with; 0 while exact
         self._nprobe = 0
-        self._filter_gap: dict[str, float] = {}  # modality -> probing margin of a search filtered to it
+        # modality -> (probing margin of a search filtered to it, its items when that was calibrated)
+        self._filter_gap: dict[str, tuple[float, int]] = {}
         self._modality_names: list[str] = []
         self._modality_of = np.full(0, -1, dtype=np.int16)  # code per id, -1 where absent
         self._counts: np.ndarray | None = None  # items per modality code, recomputed after changes
@@ -177,7 +178,7 @@ class Library:
                     self._index.add_with_ids(x, ids)
             self._next_id += len(x)
             self._set_modality(ids, codes)
-            self._calibrate_missing_filters()
+            self._calibrate_stale_filters()
         return ids.tolist()
 
     def remove(self, ids: Iterable[int]) -> int:
@@ -327,7 +328,7 @@ class Library:
                         "factory": self.index_factory, "exact_threshold": self.exact_threshold,
                         "target_recall": self.target_recall, "next_id": self._next_id,
                         "trained_size": self._trained_size, "nprobe": self._nprobe, "count": len(self),
-                        "filter_gap": self._filter_gap}
+                        "filter_gap": {m: list(g) for m, g in self._filter_gap.items()}}
             (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
             for name in (_INDEX_FILE, _ITEMS_FILE, _META_FILE):
                 _fsync(tmp / name)
@@ -361,7 +362,7 @@ class Library:
                 settings = {"index_factory": str(meta["factory"]), "exact_threshold": int(meta["exact_threshold"]),
                             "target_recall": float(meta["target_recall"])}
                 state = int(meta["next_id"]), int(meta["trained_size"]), int(meta["nprobe"])
-                gaps = {str(m): float(g) for m, g in meta.get("filter_gap", {}).items()}
+                gaps = {str(m): (float(g), int(n)) for m, (g, n) in meta.get("filter_gap", {}).items()}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CorruptFileError(f"The library {target.name} is damaged (its description cannot be read).") from exc
         if version != FORMAT_VERSION:
@@ -390,7 +391,7 @@ class Library:
         lib._index, lib._trained_size, lib._nprobe = index, trained_size, nprobe
         lib._next_id = max(next_id, len(lib._modality_of))
         lib._filter_gap = {m: g for m, g in gaps.items() if m in lib._modality_names}
-        lib._calibrate_missing_filters()  # a library saved before filters were calibrated: done once, here
+        lib._calibrate_stale_filters()  # a library saved before filters were calibrated: done here
         return lib
 
     def _load_items(self, items_path: Path) -> None:
@@ -463,8 +464,9 @@ class Library:
         lists, holding = holding_lists()
         if exact or selected <= self.exact_threshold:  # exact: every list that holds a selected item
             return faiss.SearchParametersIVF(sel=selector, nprobe=len(lists)), lists, None
-        gaps = [self._filter_gap[self._modality_names[c]] for c in codes if self._modality_names[c] in self._filter_gap]
-        if not gaps:  # not calibrated (cannot happen after a build or load): as many selected items as usual
+        gaps = [self._filter_gap[name][0] for name in (self._modality_names[c] for c in codes)
+                if name in self._filter_gap]
+        if not gaps:  # none calibrated (only modalities of a handful of items): as many selected items as usual
             nprobe = max(1, min(len(lists), math.ceil(self._nprobe * holding / selected)))
             return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe), lists, None
         # the lists holding selected items whose centroid is within the calibrated margin of the nearest one
@@ -551,29 +553,30 @@ class Library:
         try:
             self._index, self._trained_size, self._nprobe = self._build(x, ids)
             if self._trained_size:
-                large = [c for c in np.unique(codes) if (codes == c).sum() > self.exact_threshold]
-                self._filter_gap = _calibrate_filters(self._index, x, ids, codes, large, self._modality_names,
-                                                      self.target_recall, np.random.default_rng(len(x) + 1))
+                present, counts = np.unique(codes, return_counts=True)
+                self._filter_gap = _calibrate_filters(
+                    self._index, x, ids, codes, present[counts > _CALIBRATION_K], self._modality_names,
+                    self.target_recall, np.random.default_rng(len(x) + 1))
         except BaseException:
             self._index, self._trained_size, self._nprobe = self._build(x[:kept], ids[:kept], exact=True)
             self._filter_gap = {}
             raise
 
-    def _calibrate_missing_filters(self) -> None:
-        """Calibrates the filter of every modality that is larger than ``exact_threshold`` and has none (it
-        grew past the threshold since the last build, or the library was saved before filters were
-        calibrated), from vectors read back from the index."""
+    def _calibrate_stale_filters(self) -> None:
+        """Calibrates the probing margin of every modality (of more than ten items) that has none or has more
+        than doubled since it was calibrated, from vectors read back from the index: a modality added since the
+        last build, or a library saved before margins were calibrated."""
         if not self._trained_size:
             return
         counts = self._modality_counts()
-        missing = [c for c, name in enumerate(self._modality_names)
-                   if counts[c] > self.exact_threshold and name not in self._filter_gap]
-        if not missing:
+        stale = [c for c, name in enumerate(self._modality_names)
+                 if counts[c] > _CALIBRATION_K and counts[c] > 2 * self._filter_gap.get(name, (0, 0))[1]]
+        if not stale:
             return
         ids = np.flatnonzero(self._modality_of >= 0).astype(np.int64)
         codes = self._modality_of[ids]
         self._filter_gap.update(_calibrate_filters(
-            self._index, self._reconstruct, ids, codes, missing, self._modality_names, self.target_recall,
+            self._index, self._reconstruct, ids, codes, stale, self._modality_names, self.target_recall,
             np.random.default_rng(len(ids) + 1)))
 
     def _build(self, x: np.ndarray, ids: np.ndarray, exact: bool = False) -> tuple[faiss.Index, int, int]:
@@ -643,10 +646,11 @@ def _calibrate_nprobe(index: faiss.Index, x: np.ndarray, ids: np.ndarray, target
 
 def _calibrate_filters(index: faiss.Index, vectors: Any, ids: np.ndarray, codes: np.ndarray,
                        filters: Iterable[int], names: Sequence[str], target: float,
-                       rng: np.random.Generator) -> dict[str, float]:
-    """For each modality code in ``filters``, the probing margin of a search filtered to it: it probes the IVF
+                       rng: np.random.Generator) -> dict[str, tuple[float, int]]:
+    """For each modality code in ``filters`` (each of more than ten items), (the probing margin of a search filtered to it: it probes the IVF
     lists holding the modality's items whose centroid scores within the margin of the nearest such list,
-    and the smallest margin whose recall@10 against exact filtered search reaches ``target`` is chosen.
+    and the smallest margin whose recall@10 against exact filtered search reaches ``target`` is chosen, the
+    modality's item count).
 
     ``vectors`` are the rows of ``ids`` (``codes`` their modalities), as an array or as a function of ids.
     The queries are items drawn from the whole library, so most of them come from other modalities: a
@@ -677,7 +681,7 @@ def _calibrate_filters(index: faiss.Index, vectors: Any, ids: np.ndarray, codes:
         below = coarse.max(axis=1, keepdims=True) - np.take_along_axis(coarse, np.searchsorted(lists, list_of[truth]),
                                                                         axis=1)  # how far below the nearest list
         below = np.sort(np.concatenate([row[t != q][:_CALIBRATION_K] for row, t, q in zip(below, truth, query_ids)]))
-        gaps[names[int(code)]] = float(below[max(0, math.ceil(target * len(below)) - 1)]) + 1e-6
+        gaps[names[int(code)]] = (float(below[max(0, math.ceil(target * len(below)) - 1)]) + 1e-6, len(members))
     return gaps
 
 

@@ -184,7 +184,9 @@ def test_filtered_search_keeps_its_recall_for_queries_far_from_the_modality(tmp_
     del meta["filter_gap"]
     (tmp_path / "lib" / "library.json").write_text(json.dumps(meta))
     old = Library.load(tmp_path / "lib")
-    assert old._filter_gap == pytest.approx(lib._filter_gap, abs=1e-6)
+    assert old._filter_gap.keys() == lib._filter_gap.keys() == set(names)
+    for name, (gap, count) in lib._filter_gap.items():
+        assert old._filter_gap[name] == (pytest.approx(gap, abs=1e-6), count) and count == (mods == name).sum()
     assert recall(old, x, queries, keep=mods == "ct", modality="ct") >= 0.95
     # A modality that grows past exact_threshold without a rebuild is calibrated as it does.
     extra, _ = clustered_vectors(1_500, dim, seed=23)
@@ -194,6 +196,13 @@ def test_filtered_search_keeps_its_recall_for_queries_far_from_the_modality(tmp_
     keep = np.arange(len(both)) >= len(x)
     assert recall(old, both, queries, keep=keep, modality="pathology") >= 0.95
     old.close()
+    lib.close()
+
+    # Modalities each small enough to be searched exactly, several of them together large enough not to be
+    lib = Library(dim, "m", exact_threshold=6_000)
+    lib.add(x, [{"modality": m} for m in mods])
+    assert lib.stats()["index"].startswith("IVF")
+    assert recall(lib, x, queries, keep=mods != "xray", exclude_modality="xray") >= 0.95
     lib.close()
 
 
