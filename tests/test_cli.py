@@ -85,6 +85,8 @@ def runs(model_dir, inputs, tmp_path_factory) -> dict:
         "classify_labels": cli("classify", str(inputs / "lungn1.jpg"), "benign lung tissue", "adenocarcinoma",
                                *m, "--json"),
         "search_text": cli(*m, "--json", "search", "pleural effusion", "-l", lib, "-k", "3"),
+        "search_per_modality": cli(*m, "--json", "search", "pleural effusion", "-l", lib, "-k", "3",
+                                   "--per-modality"),
         "search_file": cli(*m, "search", "--file", str(inputs / "lungn1.jpg"), "-l", lib,
                            "--exclude-modality", "pathology", "--json"),
         "info_library": cli(*m, "info", "--library", lib),
@@ -150,6 +152,20 @@ def test_search_by_text_and_by_file(runs):
     assert [h["score"] for h in text["hits"]] == sorted((h["score"] for h in text["hits"]), reverse=True)
     by_file = json.loads(ok(runs["search_file"]).stdout)
     assert len(by_file["hits"]) == 8 and {h["modality"] for h in by_file["hits"]} == {"xray", "ecg"}
+
+
+def test_search_is_the_one_search_service_plain_or_per_modality(runs, model_dir):
+    from m3bind.search import search
+
+    model = m3bind.load_model(str(model_dir), device="cpu")
+    with Library.load(runs["out"] / "lib", model.fingerprint) as library:
+        plain = search(library, model, "pleural effusion", 3)
+        each = search(library, model, "pleural effusion", 3, per_modality=True)
+        assert [h.id for h in plain] == [h.id for h in library.search(model.embed_text(["pleural effusion"])[0], 3)]
+    assert [h["id"] for h in json.loads(ok(runs["search_text"]).stdout)["hits"]] == [h.id for h in plain]
+    per_modality = json.loads(ok(runs["search_per_modality"]).stdout)["hits"]
+    assert [h["id"] for h in per_modality] == [h.id for h in each]
+    assert sorted(h["modality"] for h in per_modality) == ["ecg", "pathology", "xray"]  # the best of each
 
 
 def test_classify_with_default_and_given_labels(runs):

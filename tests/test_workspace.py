@@ -1,4 +1,5 @@
-"""How the app's workspace groups uploads into inputs: each upload sits in its own temporary folder."""
+"""The app's workspace: how it groups uploads into inputs (each upload sits in its own temporary folder), and
+that its searches go through the one search service."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import shutil
 import pytest
 
 import m3bind
-from m3bind.workspace import _records
+from m3bind import search as service
+from m3bind.workspace import Workspace, _records
 
 
 @pytest.fixture
@@ -48,3 +50,33 @@ def test_a_vanished_upload_is_a_readable_error(tmp_path):
         _records([tmp_path / "gone.png"])
     with pytest.raises(m3bind.InputError, match="Upload a file first"):
         _records([])
+
+
+def test_searches_go_through_the_one_search_service(tiny_model, shared_data, tmp_path, monkeypatch):
+    ws = Workspace(tiny_model, tmp_path / "home")  # the examples the tiny model reads: CT, ECG, retina
+    xrays = sorted((shared_data / "covid_cxr" / "images").iterdir())[:4]
+    assert ws.add_files([str(p) for p in xrays])["added"] == 4
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return service.search(*args, **kwargs)
+
+    monkeypatch.setattr("m3bind.workspace.search", spy)
+    # default: the plain ranking of the shared space, as the library ranks the text's embedding
+    plain = ws.search_text("pleural effusion", 5)
+    assert [h.id for h in plain] == [h.id for h in ws.library.search(tiny_model.embed_text(["pleural effusion"])[0], 5)]
+    # the app's "best of each modality"
+    each = ws.search_text("pleural effusion", 4, None, True)
+    assert sorted(h.modality for h in each) == ["ct", "ecg", "retina", "xray"]
+    assert ws.search_text("pleural effusion", 3, ["xray"], True) == ws.search_text("pleural effusion", 3, ["xray"])
+    # by an upload, in other modalities: its query centred, the best of each other modality
+    sample, similar = ws.search_similar(str(xrays[0]), k=3)
+    assert sample.modality == "xray" and sorted(h.modality for h in similar) == ["ct", "ecg", "retina"]
+    query = tiny_model.centre(tiny_model.embed(sample), "xray")
+    want = sorted((h.score for m in ("ct", "ecg", "retina") for h in ws.library.search(query, 1, m)), reverse=True)
+    assert [h.score for h in similar] == pytest.approx(want, abs=1e-5)
+    assert [c["per_modality"] for c in calls] == [False, True, True, False, True]
+    assert calls[-1]["exclude_modality"] == "xray" and calls[-1]["query_modality"] == "xray"
+    with pytest.raises(m3bind.InputError, match="Type a finding"):
+        ws.search_text("  ")
