@@ -16,6 +16,7 @@ import html
 import io
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -169,7 +170,8 @@ def private_dirs() -> PrivateDirs:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-_MARKDOWN_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_{}[]()<>#!|~"})
+# Markdown syntax, HTML, entities and the URL/e-mail autolinks (":" of "http://", "@", the dot of "www.")
+_MARKDOWN_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_{}[]()<>#!|~:@&"})
 
 
 def plain(text: Any) -> str:
@@ -182,7 +184,7 @@ def markdown_text(text: Any) -> str:
     """Untrusted text (a query, a file name, a reason quoting file content) placed into Markdown: every
     Markdown and HTML special character is backslash-escaped, so it shows as typed and never as a link,
     an image or a tag."""
-    return " ".join(str(text).split()).translate(_MARKDOWN_SPECIAL)
+    return re.sub(r"(?i)\b(www)\.", r"\1\\.", " ".join(str(text).split()).translate(_MARKDOWN_SPECIAL))
 
 
 def _allow_reset() -> bool:

@@ -139,3 +139,22 @@ def test_fewshot(page):
     expect(page.locator("#fewshot-note")).to_contain_text("the file of the Classify tab (12-lead ECG)")
     expect(page.locator("#fewshot-note")).not_to_contain_text("waveform_ecg.dcm")  # file names are not shown
     screenshot(page, "fewshot", plot)
+
+
+def test_file_content_in_messages_stays_text(page, tmp_path):
+    """A CSV cell holding an <img> tag, quoted in the warning toast and the status, used to make the browser
+    fetch its URL (issue 18, point 6): now it shows as text and nothing is fetched."""
+    from playwright.sync_api import expect
+
+    fetched: list[str] = []
+    page.on("request", lambda request: fetched.append(request.url) if ":7999" in request.url else None)
+    csv = tmp_path / "ecg.csv"
+    csv.write_text("I,II,III\n1,<img src=http://127.0.0.1:7999/x.png>,3\n")
+    page.get_by_role("tab", name="Classify").click()
+    page.locator("#upload input[type=file]").set_input_files(str(csv))
+    expect(page.locator("#status")).to_contain_text("Cannot read this file", timeout=SLOW)
+    expect(page.locator("#status")).to_contain_text("<img src=http://127.0.0.1:7999/x.png>")  # shown as text
+    toast = page.locator("[data-testid=toast-body]").filter(has_text="The CSV file has").first
+    expect(toast).to_contain_text("<img src=http://127.0.0.1:7999/x.png>", timeout=SLOW)
+    page.wait_for_timeout(1000)
+    assert not fetched and page.locator("#status img, [data-testid=toast-body] img").count() == 0
