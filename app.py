@@ -92,7 +92,9 @@ class PrivateDirs:
             for name in names:
                 path = os.path.join(folder, name)
                 try:
-                    if os.lstat(path).st_mtime < cutoff:
+                    st = os.lstat(path)
+                    # ctime too: Gradio copies an example into the cache keeping the example's old mtime
+                    if max(st.st_mtime, st.st_ctime) < cutoff:
                         os.unlink(path)
                         removed += 1
                 except OSError:

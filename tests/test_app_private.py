@@ -4,6 +4,7 @@ SIGTERM; uploads in the app's own private folder; file content and names never r
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -144,9 +145,14 @@ def test_old_uploads_are_swept(tmp_path, monkeypatch):
         (private.uploads / "old").mkdir()
         old, new = private.uploads / "old" / "a.dcm", private.uploads / "b.dcm"
         old.write_text(MARKER)
+        time.sleep(1.5)
         new.write_text("fresh")
-        os.utime(old, (time.time() - 3600, time.time() - 3600))
-        assert private.sweep(600) == 1 and not old.exists() and not old.parent.exists() and new.exists()
+        example = tmp_path / "example.dcm"  # an old file copied in now (copy2 keeps its mtime) is fresh
+        example.write_text("example")
+        os.utime(example, (time.time() - 3600, time.time() - 3600))
+        shutil.copy2(example, private.uploads / "example.dcm")
+        assert private.sweep(1.0) == 1 and not old.exists() and not old.parent.exists() and new.exists()
+        assert (private.uploads / "example.dcm").exists()
         assert private.owns(new) and not private.owns("/tmp/gradio/x/a.dcm") and not private.owns(CT)
     finally:
         private.remove()
