@@ -310,7 +310,8 @@ def _gallery(ws: Workspace, hits: list) -> list[tuple[Image.Image, str]]:
         image = Image.open(io.BytesIO(png)).convert("RGB") if png else Image.new("RGB", (128, 48), "#dddddd")
         title = m3bind.get_modality(hit.modality).title
         # file names are patient data: only an example's name, or the owner's opt-in (Workspace.keep_names)
-        caption = f"{title} · {hit.score:.3f} · {hit.label or ws.shown_source(hit.source, hit.sha256) or f'item {hit.id}'}"
+        name = hit.label or ws.shown_source(hit.source, hit.sha256) or f"item {hit.id}"
+        caption = f"{title} · {hit.score:.3f} · {name}"
         items.append((image, caption))
     return items
 

@@ -17,7 +17,6 @@ import httpx
 import pydicom
 import pytest
 from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
 from pydicom.data import get_testdata_file
 
 REPO = Path(__file__).resolve().parents[1]
