@@ -4,7 +4,8 @@ Rerunnable: ``python bench/bench_search.py`` (full: 100k exact, 1M approximate; 
 RAM) or ``--quick`` (20k / 200k). Vectors are unit-norm draws from a mixture of Gaussian clusters
 (one cluster per modality x finding, one rare modality), queries come from the same mixture but are not
 in the library. Targets: exact p50 <= 20 ms at 100k, approximate p50 <= 10 ms at 1M with recall@10
->= 0.95, save and load <= 10 s each, peak RSS while searching <= 1.5x the index size.
+>= 0.95, unfiltered and filtered to each modality alike, save and load <= 10 s each, peak RSS while
+searching <= 1.5x the index size.
 """
 
 from __future__ import annotations
@@ -89,9 +90,9 @@ def latency(lib: Library, queries: np.ndarray, runs: int, **kwargs: object) -> s
 
 
 def recall_at_10(lib: Library, x: np.ndarray, queries: np.ndarray, mods: np.ndarray | None = None,
-                 modality: str | None = None, exact: bool = False) -> float:
+                 modality: str | list[str] | None = None, exact: bool = False) -> float:
     """Recall@10 of the library against exact search over x (ids are positions in x), optionally filtered."""
-    keep = np.ones(len(x), bool) if modality is None else mods == modality
+    keep = np.ones(len(x), bool) if modality is None else np.isin(mods, modality)
     _, truth = faiss.knn(queries, x[keep], 10, faiss.METRIC_INNER_PRODUCT)
     truth = np.flatnonzero(keep)[truth]
     hits = 0
@@ -164,15 +165,26 @@ def main() -> None:
     print(f"  p50 single query: {latency(lib, queries, args.runs)} (target <= 10 ms)")
     print(f"  recall@10 vs exact: {recall_at_10(lib, x, queries):.4f} (target >= 0.95)")
     mods = np.array(mods)
-    print("  filtered (all queries, most of them from other modalities: the cross-modal case):")
-    for name, exact in ((RARE_MODALITY, False), (MODALITIES[0], False), (MODALITIES[0], True)):
-        print(f"    modality={name} ({(mods == name).sum():,} items){' exact=True' if exact else ''}: p50 "
-              f"{latency(lib, queries, args.runs, modality=name, exact=exact)}, "
-              f"recall@10 {recall_at_10(lib, x, queries, mods, name, exact):.4f}")
+    print("  filtered to each modality (all queries, most of them from other modalities: the cross-modal case):")
+    worst_recall, worst_p50 = 1.0, 0.0
+    for name in (RARE_MODALITY, *MODALITIES):
+        p50 = latency(lib, queries, args.runs, modality=name)
+        found = recall_at_10(lib, x, queries, mods, name)
+        worst_recall, worst_p50 = min(worst_recall, found), max(worst_p50, float(p50.split()[0]))
+        print(f"    modality={name} ({(mods == name).sum():,} items): p50 {p50}, recall@10 {found:.4f}")
+    print(f"    every modality: recall@10 >= {worst_recall:.4f} (target >= 0.95), p50 <= {worst_p50:.2f} ms "
+          "(target <= 10 ms)")
+    exact_p50 = latency(lib, queries, args.runs, modality=MODALITIES[0], exact=True)
+    print(f"    modality={MODALITIES[0]} exact=True: p50 {exact_p50}, "
+          f"recall@10 {recall_at_10(lib, x, queries, mods, MODALITIES[0], exact=True):.4f}")
     own = queries[np.array(modality_of(query_cluster)) == MODALITIES[0]]
     print(f"    modality={MODALITIES[0]}, its own {len(own)} queries: p50 "
           f"{latency(lib, own, args.runs, modality=MODALITIES[0])}, "
           f"recall@10 {recall_at_10(lib, x, own, mods, MODALITIES[0]):.4f}")
+    others = [m for m in (RARE_MODALITY, *MODALITIES) if m != MODALITIES[0]]  # what the exclusion searches
+    print(f"    exclude_modality={MODALITIES[0]}, its own {len(own)} queries (cross-modal search by an input): p50 "
+          f"{latency(lib, own, args.runs, exclude_modality=MODALITIES[0])}, "
+          f"recall@10 {recall_at_10(lib, x, own, mods, others):.4f}")
     del x
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
