@@ -380,3 +380,15 @@ def test_waveform_without_voltage_channels_is_refused() -> None:
 def test_waveform_longer_than_the_limit_is_refused() -> None:
     with pytest.raises(m3bind.InputTooLargeError):
         read_dicom(pydicom_file_bytes("waveform_ecg.dcm"), Limits(max_ecg_samples=5000))
+
+
+@pytest.mark.parametrize("vr", [b"T\x00", b"XX", b"ZZ"])
+def test_a_damaged_value_representation_is_refused_as_corrupt(vr: bytes) -> None:
+    """Found by the fuzz suite (tests/test_fuzz_readers.py): CT_small.dcm's Study Time element with an unknown
+    VR ('TM' -> 'T\\x00') and length 0 made pydicom raise NotImplementedError while the header was checked for
+    truncation, which escaped load_input as a crash instead of a refusal."""
+    data = bytearray(pydicom_file_bytes("CT_small.dcm"))
+    at = data.index(b"\x08\x00\x30\x00TM")  # (0008,0030) Study Time, explicit VR, 2-byte length
+    data[at + 4:at + 8] = vr + b"\x00\x00"
+    with pytest.raises(m3bind.CorruptFileError, match="damaged"):
+        m3bind.load_input(bytes(data), name="ct.dcm")

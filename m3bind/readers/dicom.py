@@ -126,9 +126,13 @@ def _parse(data: bytes) -> Dataset:
             k in ds for k in ("SOPClassUID", "PixelData", "WaveformSequence"))):
         raise UnsupportedFormatError("This file is not a DICOM file (it has no DICOM header).")
     # pydicom stops quietly at a premature end of file: parsing then ends early, or the last value is short
-    if buffer.tell() < len(data) or any(
+    try:  # elements() converts raw values: a damaged VR or value fails here, not in dcmread
+        short = buffer.tell() < len(data) or any(
             isinstance(elem, RawDataElement) and elem.value is not None and elem.length != 0xFFFFFFFF
-            and len(elem.value) < elem.length for elem in ds.elements()):
+            and len(elem.value) < elem.length for elem in ds.elements())
+    except Exception as exc:
+        raise CorruptFileError("The DICOM file is damaged or truncated: its header cannot be read.") from exc
+    if short:
         raise CorruptFileError("The DICOM file is truncated: it ends before the data its header announces.")
     if "TransferSyntaxUID" not in ds.file_meta:
         implicit, little = ds.original_encoding
