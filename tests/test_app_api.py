@@ -22,9 +22,8 @@ import m3bind
 from m3bind.library import Library
 from m3bind.workspace import Workspace
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TILES = SHARED / "pathology" / "lc25000_lung"
-PTBXL = SHARED / "ecg" / "ptbxl" / "records100" / "00000"
+TILES = Path("pathology") / "lc25000_lung"  # under the shared data folder (the shared_data fixture)
+PTBXL = Path("ecg") / "ptbxl" / "records100" / "00000"
 CT = get_testdata_file("CT_small.dcm")
 ECG_DCM = get_testdata_file("waveform_ecg.dcm")
 PATIENT_NAME, PATIENT_ID = "Doe^Jane", "PID-998877"
@@ -62,10 +61,8 @@ def ws(served):
 
 
 @pytest.fixture(scope="session")
-def tiles():
-    if not TILES.is_dir():
-        pytest.skip(f"real data not found at {TILES}")
-    return {c: sorted((TILES / c).glob("*.jpg"))[:4] for c in ("lung_aca", "lung_n", "lung_scc")}
+def tiles(shared_data):
+    return {c: sorted((shared_data / TILES / c).glob("*.jpg"))[:4] for c in ("lung_aca", "lung_n", "lung_scc")}
 
 
 @pytest.fixture(scope="session")
@@ -121,10 +118,8 @@ def test_large_images_are_decoded_only_as_large_as_needed(ws):
     assert float(ws.embed(str(retina)) @ ws.model.embed(full)) > 0.999
 
 
-def test_classify_wfdb_pair_draws_twelve_leads(client):
-    if not PTBXL.is_dir():
-        pytest.skip("PTB-XL records not found")
-    header = sorted(PTBXL.glob("*.hea"))[0]
+def test_classify_wfdb_pair_draws_twelve_leads(client, shared_data):
+    header = sorted((shared_data / PTBXL).glob("*.hea"))[0]
     record = [handle_file(header), handle_file(header.with_suffix(".dat"))]
     status, plot, probs = client.predict(record, "auto", "normal ECG\nmyocardial infarction", None, None, None,
                                          api_name="/classify")
@@ -185,12 +180,10 @@ def test_server_paths_and_oversized_uploads_are_refused(served, client, tmp_path
     assert response.status_code == 413
 
 
-def test_ecg_array_without_a_sampling_rate_asks_for_it(client, tmp_path):
-    if not PTBXL.is_dir():
-        pytest.skip("PTB-XL records not found")
+def test_ecg_array_without_a_sampling_rate_asks_for_it(client, tmp_path, shared_data):
     import wfdb
 
-    signal, _ = wfdb.rdsamp(str(sorted(PTBXL.glob("*.hea"))[0].with_suffix("")))
+    signal, _ = wfdb.rdsamp(str(sorted((shared_data / PTBXL).glob("*.hea"))[0].with_suffix("")))
     array = tmp_path / "ecg_8s.npy"
     np.save(array, signal[:800].astype(np.float32))  # 8 s at 100 Hz: the length alone does not tell the rate
     opened = client.predict([handle_file(array)], "", None, api_name="/open_file")
@@ -237,7 +230,8 @@ def test_similar_items_come_from_other_modalities(client):
     assert same[0]["caption"].startswith("12-lead ECG") and float(same[0]["caption"].split(" · ")[1]) > 0.99
 
 
-def test_library_add_explore_fewshot_reset(client, ws, tiles, dicom_with_identifiers, tmp_path, monkeypatch):
+def test_library_add_explore_fewshot_reset(client, ws, tiles, dicom_with_identifiers, tmp_path, monkeypatch,
+                                           shared_data):
     assert client.predict(api_name="/library_stats").startswith("**Library:** 6 items")
     junk = tmp_path / "notes.txt"
     junk.write_text("not an image")
@@ -245,7 +239,7 @@ def test_library_add_explore_fewshot_reset(client, ws, tiles, dicom_with_identif
     status, summary = client.predict([*aca, handle_file(junk), handle_file(dicom_with_identifiers)], "lung_aca",
                                      "auto", api_name="/add_to_library")
     assert "Added **5**" in status and "refused 1" in status and "notes.txt" in status
-    header = sorted(PTBXL.glob("*.hea"))[0]  # a WFDB record: two files, one item
+    header = sorted((shared_data / PTBXL).glob("*.hea"))[0]  # a WFDB record: two files, one item
     status, summary = client.predict([handle_file(p) for p in tiles["lung_n"] + tiles["lung_scc"]] +
                                      [handle_file(header), handle_file(header.with_suffix(".dat"))], "lung_n", "auto",
                                      api_name="/add_to_library")

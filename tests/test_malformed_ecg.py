@@ -14,7 +14,8 @@ from m3bind import (CorruptFileError, InputError, InputTooLargeError, MissingFil
                     UnsupportedFormatError, WrongModalityError)
 from m3bind.readers.ecg import LEADS
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED_DATA
+
 MITBIH = SHARED_DATA / "ecg" / "wfdb"
 CINC = SHARED_DATA / "ecg" / "cinc2021"
 
@@ -74,7 +75,7 @@ def _mitbih_header(old: str = "", new: str = "") -> str:
     return (MITBIH / "100.hea").read_text().replace(old, new)
 
 
-needs_data = pytest.mark.skipif(not MITBIH.is_dir(), reason="shared ECG data not available")
+needs_data = pytest.mark.shared_data  # through the shared_data fixture: skipped without the data, failed in CI
 TIMED = np.column_stack([np.arange(1000) / 100, _wave(100, 10)])
 
 
