@@ -28,6 +28,8 @@ CT = get_testdata_file("CT_small.dcm")
 ECG_DCM = get_testdata_file("waveform_ecg.dcm")
 PATIENT_NAME, PATIENT_ID = "Doe^Jane", "PID-998877"
 
+pytestmark = pytest.mark.slow  # the served app with the default model: ~23 s to start, 70 s in all
+
 
 def free_port() -> int:
     with socket.socket() as s:

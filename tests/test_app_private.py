@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 CT = get_testdata_file("CT_small.dcm")
 MARKER = "PID-MARKER-4242"
 
+pytestmark = pytest.mark.slow  # apps started in child processes: ~45 s in all
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -100,6 +100,7 @@ def ok(run: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return run
 
 
+@pytest.mark.slow
 def test_info(runs, model_dir):
     info = json.loads(ok(runs["info"]).stdout)
     config = m3bind.ModelConfig.load(model_dir / "config.json")
@@ -107,6 +108,7 @@ def test_info(runs, model_dir):
     assert info["modalities"] == list(config.modality_towers) and info["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_index_reports_refused_files_and_resumes(runs, inputs):
     first = json.loads(ok(runs["index"]).stdout)
     assert first["added"] == 12 and first["skipped"] == 0
@@ -119,6 +121,7 @@ def test_index_reports_refused_files_and_resumes(runs, inputs):
     assert "12 items" in info and "Flat (exact)" in info
 
 
+@pytest.mark.slow
 def test_two_ranks_under_torchrun_merge_into_the_single_process_library(runs):
     report = json.loads(ok(runs["sharded"]).stdout)  # only rank 0 prints
     assert report["added"] == 12 and [Path(r["source"]).name for r in report["refused"]] == ["scan.png"]
@@ -136,6 +139,7 @@ def test_two_ranks_under_torchrun_merge_into_the_single_process_library(runs):
         np.testing.assert_allclose(sharded[sha][2], vector, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_embed_writes_vectors_and_items(runs):
     run = ok(runs["embed"])
     vectors = np.load(runs["out"] / "emb.npy")
@@ -146,6 +150,7 @@ def test_embed_writes_vectors_and_items(runs):
     assert "Embedded 12 inputs" in run.stdout and "scan.png" in run.stdout
 
 
+@pytest.mark.slow
 def test_search_by_text_and_by_file(runs):
     text = json.loads(ok(runs["search_text"]).stdout)
     assert len(text["hits"]) == 3
@@ -154,6 +159,7 @@ def test_search_by_text_and_by_file(runs):
     assert len(by_file["hits"]) == 8 and {h["modality"] for h in by_file["hits"]} == {"xray", "ecg"}
 
 
+@pytest.mark.slow
 def test_search_is_the_one_search_service_plain_or_per_modality(runs, model_dir):
     from m3bind.search import search
 
@@ -168,6 +174,7 @@ def test_search_is_the_one_search_service_plain_or_per_modality(runs, model_dir)
     assert sorted(h["modality"] for h in per_modality) == ["ecg", "pathology", "xray"]  # the best of each
 
 
+@pytest.mark.slow
 def test_classify_with_default_and_given_labels(runs):
     ecg = json.loads(ok(runs["classify"]).stdout)
     assert ecg["modality"] == "ecg"
@@ -178,6 +185,7 @@ def test_classify_with_default_and_given_labels(runs):
     assert abs(sum(tile["probabilities"].values()) - 1) < 1e-6
 
 
+@pytest.mark.slow
 def test_a_bad_file_exits_2_with_one_readable_line(runs):
     run = runs["bad_file"]
     assert run.returncode == 2 and run.stdout == ""

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 import m3bind
 from train import distributed
 from train.losses import class_aware_contrastive
+
+pytestmark = pytest.mark.slow  # each test spawns ranks: 11 s and 92 s on the 2-core machine
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2

@@ -207,6 +207,7 @@ def tiny_teachers(tiny_config):
     return teachers
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_on_real_data(tiny_model, tiny_teachers, shared_data):
     results = ev.compare(tiny_model, tiny_teachers, data_root=shared_data, config=TINY_RUN)
     json.dumps(results, allow_nan=False)  # plain JSON

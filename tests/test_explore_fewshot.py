@@ -61,6 +61,7 @@ def test_small_libraries_get_pca_and_tiny_ones_a_message():
         fit_map(x[:2])
 
 
+@pytest.mark.slow
 def test_umap_map_is_cached_per_library_state_and_places_points_without_refitting():
     x, labels = clusters(12)
     library = Library(DIM, "test-model")
@@ -104,6 +105,7 @@ def test_placed_points_land_near_their_neighbours_and_never_off_the_map():
     assert lmap.place(np.zeros((0, DIM))).shape == (0, 2)
 
 
+@pytest.mark.slow
 def test_after_the_warm_up_a_real_map_compiles_nothing():
     """In a fresh process: the warm-up's random points have the array types of a real map and its placement."""
     script = """

@@ -206,6 +206,7 @@ def test_filtered_search_keeps_its_recall_for_queries_far_from_the_modality(tmp_
     lib.close()
 
 
+@pytest.mark.slow
 def test_approximate_index_agrees_with_exact_after_crossing_threshold(tmp_path):
     """60k structured vectors added in batches cross the threshold (IVF), regrow, then shrink back to exact."""
     dim = 128

@@ -203,6 +203,7 @@ def test_published_open_clip_checkpoint_from_local_dir(tmp_path):
     np.testing.assert_array_equal(model.embed(sample), m3bind.load_model(tmp_path / "m", device="cpu").embed(sample))
 
 
+@pytest.mark.slow
 def test_published_checkpoints_through_the_hub_path_offline(tmp_path):
     """``hf-hub:`` names resolve through huggingface_hub's cache, exactly as after a real download."""
     hub = tmp_path / "hub"

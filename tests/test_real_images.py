@@ -52,6 +52,7 @@ def test_real_image_sets_name_their_classes_as_the_zero_shot_prompts_do(shared_d
     assert sample.modality == ds.modality and sample.data.shape[0] >= 184  # real resolution, not thumbnails
 
 
+@pytest.mark.slow
 def test_a_tower_with_frozen_stages_trains_only_its_upper_stages_from_cached_maps(shared_data, tmp_path):
     tower = m3bind.ImageTowerConfig(image_size=64, frozen_stages=5)  # ImageNet EfficientNet-Lite0 from its package
     teacher = new_teacher("mri", tower, 32, m3bind.TextTowerConfig(max_length=32), seed=0)
@@ -103,6 +104,7 @@ def _mixed_top10_modality_share(model, data, texts_by_modality):
     return float(np.mean(shares))
 
 
+@pytest.mark.slow
 def test_the_joint_stage_puts_each_modalitys_findings_among_its_own_items(tiny_config, shared_data):
     """Before the joint stage a model whose towers were trained apart ranks items by tower, not by what a query
     says; afterwards a modality's own captions retrieve mostly its own items, and the centres are refitted."""
@@ -133,6 +135,7 @@ def detector_model(shared_data):
     return fit_detector(model, sets, DetectorPlan(image_size=96, max_per_dataset=60, steps=200), str(shared_data)), sets
 
 
+@pytest.mark.slow
 def test_the_detector_tells_ct_from_xray_and_mri_from_both_on_held_out_files(detector_model, shared_data):
     model, sets = detector_model
     result = detector_accuracy(model, sets, "val", str(shared_data))
@@ -147,6 +150,7 @@ def test_the_detector_tells_ct_from_xray_and_mri_from_both_on_held_out_files(det
         assert 0 < sample.meta["modality_confidence"] <= 1 and isinstance(sample.meta["modality_unsure"], bool)
 
 
+@pytest.mark.slow
 def test_the_detector_leaves_dicom_headers_and_the_users_choice_alone(detector_model, shared_data, tmp_path):
     from pydicom.data import get_testdata_file
 

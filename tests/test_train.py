@@ -164,6 +164,7 @@ def test_relational_distillation_is_zero_only_when_the_images_choose_the_same_te
     assert student.grad.abs().sum() > 0  # it trains the student only: the teacher's side is detached
 
 
+@pytest.mark.slow
 def test_distillation_reduces_the_student_teacher_gap_on_held_out_texts(tiny_model, shared_data):
     from train.captions import shared_text_corpus
 
@@ -181,6 +182,7 @@ def test_distillation_reduces_the_student_teacher_gap_on_held_out_texts(tiny_mod
     assert after < 0.5 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_class_prompt_distillation_keeps_how_the_teachers_images_choose_among_the_classes(tiny_model, shared_data):
     from train.captions import shared_text_corpus
 
@@ -207,6 +209,7 @@ def test_class_prompt_distillation_keeps_how_the_teachers_images_choose_among_th
                 {"retina": texts}, StageConfig(steps=1, class_weight=1.0), images={"retina": images})
 
 
+@pytest.mark.slow
 def test_stage_1_class_term_holds_a_teacher_to_its_zero_shot_choice_while_the_alignment_pulls(
         tiny_config, shared_data):
     from train.captions import shared_text_corpus
@@ -314,6 +317,7 @@ def tiny_run(tmp_path_factory, shared_data):
     return cfg, model
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_runs_every_stage_and_exports_a_loadable_model(tiny_run, shared_data):
     cfg, model = tiny_run
     for stage in ("teachers", "aligned", "student"):
@@ -327,6 +331,7 @@ def test_tiny_pipeline_runs_every_stage_and_exports_a_loadable_model(tiny_run, s
     assert abs(sum(probs.values()) - 1) < 1e-5
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_resumes_from_its_checkpoints_and_is_deterministic(tiny_run, tmp_path, shared_data):
     cfg, model = tiny_run
     again = run(dataclasses.replace(cfg, export_dir=tmp_path / "resumed"))  # every stage loads from its checkpoint
