@@ -88,14 +88,14 @@ def test_torchrun_trains_the_tiny_pipeline_with_ranks_in_step_and_resumes(tmp_pa
     args = ["--config", str(REPO / "train" / "configs" / "tiny.yaml"), "--data-root", str(shared_data),
             "--run-dir", str(tmp_path / "run")]
     out = _torchrun(*args, "--export-dir", str(tmp_path / "export")).stdout
-    for stage in ("teachers", "aligned", "student"):  # the pipeline compares weight digests of all ranks
+    for stage in ("teachers", "aligned", "student", "joint", "detector"):  # the pipeline compares weight digests
         assert f"{stage}: identical in all {WORLD} processes" in out, out
     assert out.count("model written to") == 1  # rank 0 alone exports
-    for stage in ("teachers", "aligned", "student"):
+    for stage in ("teachers", "aligned", "student", "joint", "detector"):
         assert (tmp_path / "run" / stage / "DONE").is_file()
 
     model = m3bind.load_model(tmp_path / "export", device="cpu")
-    assert sorted(model.modalities) == ["ecg", "retina", "ultrasound", "xray"]
+    assert sorted(model.modalities) == ["ct", "ecg", "mri", "retina", "ultrasound", "xray"]
     ecg = m3bind.load_input(sorted((shared_data / "ecg" / "ptbxl").rglob("*.hea"))[0])
     assert np.isfinite(model.embed(ecg)).all()
 

@@ -213,8 +213,8 @@ def test_compare_end_to_end_on_real_data(tiny_model, tiny_teachers, shared_data)
     json.dumps(results, allow_nan=False)  # plain JSON
     bound = results["bound"]
     assert bound["split"] == "test" and set(bound["model"]["modalities"]) == {"xray", "ct", "retina", "ecg"}
-    assert set(bound["zero_shot"]) == {"pneumoniamnist/xray", "covid_cxr/xray", "covid_cxr/ct", "retinamnist/retina",
-                                       "ptbxl/ecg"}
+    assert set(bound["zero_shot"]) == {"cxr_nih/xray", "pneumoniamnist/xray", "covid_cxr/xray", "covid_ct/ct",
+                                       "covid_cxr/ct", "idrid/retina", "retinamnist/retina", "ptbxl/ecg"}
     assert "skipped" in bound["zero_shot"]["covid_cxr/ct"]  # one class among its test items
     for key in ("pneumoniamnist/xray", "retinamnist/retina", "ptbxl/ecg"):
         z = bound["zero_shot"][key]
@@ -234,21 +234,30 @@ def test_compare_end_to_end_on_real_data(tiny_model, tiny_teachers, shared_data)
     assert set(bound["retrieval"]["per_modality"]) == {"xray", "ct", "retina", "ecg"}
 
     cm = bound["cross_modal"]
-    assert set(cm["pairs"]) == {f"{a}->{b}" for a in ("xray", "retina", "ecg") for b in ("xray", "retina", "ecg")
-                                if a != b}
-    assert cm["mean"]["n_pairs"] == 6 and 0 <= cm["mean"]["auc"] <= 1 and 0 < cm["mean"]["chance_p@10"] < 1
+    four = ("xray", "ct", "retina", "ecg")
+    assert set(cm["pairs"]) == {f"{a}->{b}" for a in four for b in four if a != b}
+    assert cm["mean"]["n_pairs"] == 12 and 0 <= cm["mean"]["auc"] <= 1 and 0 < cm["mean"]["chance_p@10"] < 1
     assert cm["core_mean"]["auc_ci95"][0] <= cm["core_mean"]["auc"] <= cm["core_mean"]["auc_ci95"][1]
 
     assert set(results["counterparts"]) == {"xray", "ecg"}
     xray = results["counterparts"]["xray"]
-    assert set(xray["zero_shot"]) == {"pneumoniamnist/xray", "covid_cxr/xray"} and "cross_modal" not in xray
+    assert set(xray["zero_shot"]) == {"cxr_nih/xray", "pneumoniamnist/xray", "covid_cxr/xray"}
+    assert "cross_modal" not in xray and "search" not in xray
     # the counterpart scores exactly the bound model's items
     assert xray["sets"]["pneumoniamnist/xray"] == bound["sets"]["pneumoniamnist/xray"]
     assert set(results["unbound_cross_modal"]["pairs"]) == {"xray->ecg", "ecg->xray"}
     assert cm["mean_on_counterpart_pairs"]["n_pairs"] == 2  # the bound mean over the same two pairs
 
+    referable = bound["zero_shot"]["idrid/retina"]["binary"]
+    assert referable["name"].startswith("referable") and 0 <= referable["auc"] <= 1
+    queries = bound["search"]["queries"]
+    assert queries["n"] > 0 and all(0 <= queries[key] <= 1 for key in ("p@10", "r@10", "modality@10", "landing"))
+    assert {q["modality"] for q in queries["per_query"]} == {"xray", "ct", "retina", "ecg"}  # the modalities it encodes
+    assert bound["search"]["notes"]["n"] > 0 and 0 <= bound["search"]["notes"]["abnormal_chest@10"] <= 1
+    assert "detection" not in bound  # the tiny model has no detector
+
     table = ev.markdown_table(results)
-    for heading in ("Zero-shot", "Few-shot", "Text-to-image", "Cross-modal"):
+    for heading in ("Zero-shot", "Few-shot", "Text-to-image", "Cross-modal", "Search over one library"):
         assert heading in table
     assert "AUC counterpart" in table and "AUC unbound" in table and "| xray->ecg |" in table
     assert "mean over the pairs with counterparts" in table

@@ -168,13 +168,17 @@ def load_input(
 
 
 def _apply_modality(sample: Sample, modality: str | None) -> Sample:
-    if modality is None or modality == sample.modality:
+    """The caller's modality replaces the file's own (``modality_source`` "user"; what the file suggested,
+    if it differs, stays in ``detected_modality``), so no detector overrides it later."""
+    if modality is None:
         return sample
     wanted = get_modality(modality)
     if wanted.kind != sample.kind:
         raise WrongModalityError(
             f"This file is {'an ECG' if sample.kind == 'ecg' else 'an image'}, "
             f"not a {wanted.title} {'recording' if wanted.kind == 'ecg' else 'image'}.")
-    sample.meta["detected_modality"] = sample.modality
+    if wanted.name != sample.modality:
+        sample.meta["detected_modality"] = sample.modality
     sample.modality = wanted.name
+    sample.meta["modality_source"] = "user"
     return sample
