@@ -268,6 +268,7 @@ def _describe(sample: m3bind.Sample) -> str:
         how = f"chosen by you (the file looked like {m3bind.get_modality(meta['detected_modality']).title})"
     else:
         how = {"dicom": "from the DICOM header", "guess": "guessed from the pixels; override it if wrong",
+               "user": "chosen by you",
                "detector": f"recognised from the image, {meta.get('modality_confidence', 0):.0%} sure"}.get(
             meta.get("modality_source"), "from the file")
         if meta.get("modality_unsure"):
@@ -556,7 +557,7 @@ def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Bl
                                                     multiselect=True, label="Only these modalities", scale=2)
                 with gr.Row():
                     k = gr.Slider(1, 48, value=12, step=1, label="Results")
-                    per_modality = gr.Checkbox(True, label="Best of each modality")
+                    per_modality = gr.Checkbox(False, label="Best of each modality")
                     search_button = gr.Button("Search", variant="primary", elem_id="search-button")
                 search_note = gr.Markdown()
                 gallery = gr.Gallery(label="Results", columns=4, height="auto", format="png", object_fit="contain",
