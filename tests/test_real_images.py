@@ -132,7 +132,7 @@ def detector_model(shared_data):
     model = m3bind.M3BindModel(m3bind.ModelConfig(name="detecting", dim=16, text=m3bind.TextTowerConfig(max_length=16)))
     sets = {"xray": ["cxr_nih"], "ct": ["covid_ct"], "mri": ["brain_tumor_mri"], "retina": ["idrid"],
             "pathology": ["lc25000_lung"]}
-    return fit_detector(model, sets, DetectorPlan(image_size=96, max_per_dataset=60, steps=200), str(shared_data)), sets
+    return fit_detector(model, sets, DetectorPlan(image_size=64, max_per_dataset=30, steps=200), str(shared_data)), sets
 
 
 @pytest.mark.slow
