@@ -161,6 +161,7 @@ def test_file_content_in_messages_stays_text(page, tmp_path):
     page.on("request", lambda request: fetched.append(request.url) if ":7999" in request.url else None)
     csv = tmp_path / "ecg.csv"
     csv.write_text("I,II,III\n1,<img src=http://127.0.0.1:7999/x.png>,3\n")
+    page.reload()  # a fresh page: an earlier test's upload must not be sent along with this file
     page.get_by_role("tab", name="Classify").click()
     page.locator("#upload input[type=file]").set_input_files(str(csv))
     expect(page.locator("#status")).to_contain_text("Cannot read this file", timeout=SLOW)

@@ -38,7 +38,7 @@ def fundus(tmp_path_factory):
 @pytest.mark.parametrize("thumbnails", [False, True])
 def test_reduced_decode_embeds_like_the_full_decode(default_model, shared_data, fundus, thumbnails):
     size = decode_size(default_model, thumbnails)
-    assert size == (256 if thumbnails else 64)  # the towers' input; twice the library's 128-px thumbnails
+    assert size == (256 if thumbnails else 192)  # the largest tower input (retina); twice the 128-px thumbnails
     files = fundus + sorted((shared_data / "covid_cxr" / "images").iterdir())
     full = [m3bind.load_input(p) for p in files]
     reduced = [m3bind.load_input(p, decode_size=size) for p in files]

@@ -284,7 +284,7 @@ def test_cli_writes_json_and_prints_the_table(tiny_model, tiny_teachers, shared_
                     "--out", str(out), "--device", "cpu"]) == 0
     results = json.loads(out.read_text())
     assert set(results["counterparts"]) == {"ecg"} and set(results["bound"]["cross_modal"]["pairs"]) == {
-        f"{a}->{b}" for a in ("xray", "retina", "ecg") for b in ("xray", "retina", "ecg") if a != b}
+        f"{a}->{b}" for a in ("xray", "ct", "retina", "ecg") for b in ("xray", "ct", "retina", "ecg") if a != b}
     assert "zero_shot" not in results["bound"]
     printed = capsys.readouterr().out
     assert "### Cross-modal" in printed and "| **mean** |" in printed and "Zero-shot" not in printed
