@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from m3bind import M3BindModel, ModelConfig, Sample, TextTowerConfig
+from m3bind import M3BindModel, ModelConfig, TextTowerConfig
 from m3bind.config import EcgTowerConfig, ImageTowerConfig
 from m3bind.encoders import CnnEnsemble
 
