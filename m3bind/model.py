@@ -182,15 +182,17 @@ class M3BindModel(nn.Module):
             self._label_cache[key] = cached
         return cached.copy()
 
-    def classify(self, sample: Sample, labels: Sequence[str]) -> dict[str, float]:
-        """Zero-shot probabilities over the candidate findings (softmax at the calibrated temperature)."""
+    def classify(self, sample: Sample, labels: Sequence[str], embedding: np.ndarray | None = None) -> dict[str, float]:
+        """Zero-shot probabilities over the candidate findings (softmax at the calibrated temperature).
+        ``embedding``: the sample's embedding when the caller holds it already (the app's cache)."""
         labels = [str(label).strip() for label in labels if str(label).strip()]
         if len(labels) < 2:
             raise InputError("Give at least two different candidate findings to compare.")
         if len(set(labels)) != len(labels):
             raise InputError("The candidate findings contain duplicates.")
         self.route(sample)
-        logits = self.config.logit_scale * (self.label_embeddings(labels, sample.modality) @ self.embed(sample))
+        vector = self.embed(sample) if embedding is None else np.asarray(embedding, dtype=np.float32)
+        logits = self.config.logit_scale * (self.label_embeddings(labels, sample.modality) @ vector)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         return {label: float(p) for label, p in zip(labels, probs)}
