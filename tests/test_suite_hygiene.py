@@ -51,3 +51,29 @@ def test_browser_screenshots_refresh_the_docs_only_when_asked(monkeypatch):
 def test_markers_are_registered():
     ini = (REPO / "pytest.ini").read_text()
     assert "\n    slow:" in ini and "\n    shared_data:" in ini
+
+
+def test_one_test_command_that_ci_runs_too():
+    """README's test command is ``scripts/test``, executable, and ``.ci/run`` calls it after the setup command, so
+    a fresh machine needs only the two commands README gives (issue 20)."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("Test command", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    assert block.strip() == "scripts/test"
+    for script in ("scripts/test", ".ci/run"):
+        assert os.access(REPO / script, os.X_OK), f"{script} is not executable"
+    ci = (REPO / ".ci" / "run").read_text()
+    assert ci.index("pip install -q -r requirements.txt") < ci.index("exec scripts/test")
+    assert 'CI="${CI:-true}"' in ci
+    test = (REPO / "scripts" / "test").read_text()
+    assert "requirements-dev.txt" in test and "apt-get install -y -qq chromium" in test
+    assert 'exec python3 -m pytest -q "$@"' in test
+
+
+def test_the_test_command_passes_its_arguments_to_pytest_and_installs_nothing_here():
+    """On a machine that has the test tools already, ``scripts/test`` goes straight to pytest (no pip, no
+    apt-get: no network) with the arguments it was given."""
+    run = subprocess.run([str(REPO / "scripts" / "test"), "--collect-only", "tests/test_suite_hygiene.py",
+                          "-k", "markers_are_registered"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "test_markers_are_registered" in run.stdout and "1/" in run.stdout
+    assert "installing" not in run.stderr
