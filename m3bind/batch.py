@@ -155,7 +155,7 @@ class _InputDataset(Dataset):
             return "refused", i, f"Unexpected error while reading it ({type(exc).__name__}); please report it."
         item = {"source": str(record[0]), "modality": sample.modality, "sha256": sha}
         if self.thumbnails:
-            from .library import thumbnail_png
+            from .kinds import thumbnail_png
 
             item["thumbnail"] = thumbnail_png(sample)
         return "ok", i, (tensor, item)
@@ -204,7 +204,7 @@ def embed_files(
     if device is not None:
         model.to(device)
     if library is not None:
-        library._check_model(model)
+        library.check_model(model)
     rank, world, group = _distributed()
     records, refused_paths = collect_inputs(paths_or_folder)
     positions = list(range(rank, len(records), world))
@@ -316,7 +316,7 @@ def decode_size(model: Any, thumbnails: bool) -> int:
     full image does (a cosine to the full decode's embedding down to 0.990 at 128 px, 0.996 at 256)."""
     size = max((tower.image_size for tower in model.config.towers.values() if tower.kind == "image"), default=0)
     if thumbnails:
-        from .library import THUMBNAIL_PX
+        from .kinds import THUMBNAIL_PX
 
         size = max(size, 2 * THUMBNAIL_PX)
     return size
@@ -373,8 +373,7 @@ def _encode(model: Any, modality: str, tensor: torch.Tensor, autocast: dict[str,
 
 def library_hashes(library: Any) -> set[str]:
     """The SHA-256 of every item already in the library."""
-    with library._lock:
-        return {row[0] for row in library._db.execute("SELECT sha256 FROM items WHERE sha256 IS NOT NULL")}
+    return library.sha256s()
 
 
 def _fork() -> Any:

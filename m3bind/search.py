@@ -19,7 +19,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from .errors import InputError
-from .library import Hit, Library, _searches
+from .index import selects
+from .library import Hit, Library
 from .sample import Sample
 
 
@@ -39,7 +40,7 @@ def search(library: Library, model: Any, query: str | Sample | np.ndarray, k: in
     vector = query_vector(library, model, query, modality, exclude_modality, query_modality)
     if not per_modality:
         return library.search(vector, k, modality, exclude_modality, exact)
-    present = [m for m in library.stats()["per_modality"] if _searches(m, modality, exclude_modality)]
+    present = [m for m in library.stats()["per_modality"] if selects(m, modality, exclude_modality)]
     if not present:
         return []
     each = -(-k // len(present))
@@ -52,7 +53,7 @@ def query_vector(library: Library, model: Any, query: str | Sample | np.ndarray,
                  query_modality: str | None = None) -> np.ndarray:
     """The (D,) vector a query is searched with (see :func:`search`)."""
     if model is not None:
-        library._check_model(model)
+        library.check_model(model)
     if isinstance(query, str):
         text = query.strip()
         if not text:
@@ -64,7 +65,7 @@ def query_vector(library: Library, model: Any, query: str | Sample | np.ndarray,
         vector, query_modality = _one(model.embed(query)), query.modality
     else:
         vector = _one(query)
-    if query_modality is not None and not _searches(query_modality, modality, exclude_modality):
+    if query_modality is not None and not selects(query_modality, modality, exclude_modality):
         if model is None:
             raise ValueError("centring an input's embedding needs its model")
         vector = _one(model.centre(vector, query_modality))

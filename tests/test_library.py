@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m3bind.errors import CorruptFileError, InputError, WrongModalityError
+from m3bind.errors import ConfigError, CorruptFileError, InputError, UnknownItemError, WrongModalityError
 from m3bind.library import Hit, Library, LibraryMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,8 +83,11 @@ def test_add_search_remove_save_load_round_trip(small_lib, tmp_path):
     assert lib.remove(removed + [12345]) == 3 and len(lib) == 297
     assert lib.remove(removed) == 0
     assert all(h.id not in removed for h in lib.search(x[7], k=20))
-    with pytest.raises(KeyError):
+    with pytest.raises(UnknownItemError, match="no item 7") as refused:
         lib.item(7)
+    assert isinstance(refused.value, KeyError)  # callers that catch KeyError keep working
+    with pytest.raises(UnknownItemError):
+        lib.vectors([0, 7])
 
     before = lib.search(q, k=10)
     lib.save(tmp_path / "lib")
@@ -111,7 +114,7 @@ def test_add_refuses_bad_vectors_and_items(small_lib):
         lib.add(np.full((1, 32), np.nan, np.float32), [{"modality": "ct"}])
     with pytest.raises(WrongModalityError):
         lib.add(x[:1], [{"modality": "sonar"}])
-    with pytest.raises(ValueError, match="unknown item fields"):
+    with pytest.raises(ConfigError, match="unknown item fields"):
         lib.add(x[:1], [{"modality": "ct", "patient_name": "X"}])
     assert len(lib) == 300  # nothing half-added
     # Non-unit vectors are normalised, so scores stay cosines.
@@ -172,8 +175,8 @@ def test_filtered_search_keeps_its_recall_for_queries_far_from_the_modality(tmp_
         assert recall(lib, x, queries, keep=mods != name, exclude_modality=name) >= 0.95
     assert recall(lib, x, queries, keep=np.isin(mods, ["ct", "ecg"]), modality=["ct", "ecg"]) >= 0.95
     # approximate all the same: the probed lists are fewer than those holding the modality
-    params, lists, gap = lib._plan("xray", None, False)
-    coarse = queries @ faiss.extract_index_ivf(lib._index).quantizer.reconstruct_batch(lists).T
+    params, lists, gap = lib._vectors._plan("xray", None, False)
+    coarse = queries @ faiss.extract_index_ivf(lib._vectors._index).quantizer.reconstruct_batch(lists).T
     probed = (coarse >= coarse.max(axis=1, keepdims=True) - gap).sum(axis=1)
     assert probed.mean() < 0.8 * len(lists)
 
@@ -184,14 +187,14 @@ def test_filtered_search_keeps_its_recall_for_queries_far_from_the_modality(tmp_
     del meta["filter_gap"]
     (tmp_path / "lib" / "library.json").write_text(json.dumps(meta))
     old = Library.load(tmp_path / "lib")
-    assert old._filter_gap.keys() == lib._filter_gap.keys() == set(names)
-    for name, (gap, count) in lib._filter_gap.items():
-        assert old._filter_gap[name] == (pytest.approx(gap, abs=1e-6), count) and count == (mods == name).sum()
+    assert old._vectors._filter_gap.keys() == lib._vectors._filter_gap.keys() == set(names)
+    for name, (gap, count) in lib._vectors._filter_gap.items():
+        assert old._vectors._filter_gap[name] == (pytest.approx(gap, abs=1e-6), count) and count == (mods == name).sum()
     assert recall(old, x, queries, keep=mods == "ct", modality="ct") >= 0.95
     # A modality that grows past exact_threshold without a rebuild is calibrated as it does.
     extra, _ = clustered_vectors(1_500, dim, seed=23)
     old.add(extra, [{"modality": "pathology"}] * len(extra))
-    assert "IVF" in old.stats()["index"] and "pathology" in old._filter_gap
+    assert "IVF" in old.stats()["index"] and "pathology" in old._vectors._filter_gap
     both = np.concatenate([x, extra])
     keep = np.arange(len(both)) >= len(x)
     assert recall(old, both, queries, keep=keep, modality="pathology") >= 0.95
@@ -373,7 +376,7 @@ def test_model_helpers_embed_thumbnail_and_refuse_other_models(tiny_model, share
 
 def test_ecg_thumbnail_falls_back_when_lead_ii_is_missing(shared_data):
     import m3bind
-    from m3bind.library import thumbnail_png
+    from m3bind.kinds import thumbnail_png
 
     header = sorted((shared_data / "ecg" / "ptbxl" / "records100").rglob("*.hea"))[0]
     sample = m3bind.load_input([header, header.with_suffix(".dat")])
