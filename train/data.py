@@ -111,10 +111,6 @@ class PairDataset:
         m = get_modality(modality or self.modality)
         return {c.name: m.prompts(c.name) for c in self.concepts}
 
-    def class_captions(self) -> dict[str, list[str]]:
-        """Every templated caption per class (class-level text for training and few-shot text priors)."""
-        return {c.name: concept_captions(c, self.modality) for c in self.concepts}
-
     @property
     def labels(self) -> np.ndarray:
         return np.array([p.label for p in self.pairs], dtype=np.int64)
@@ -154,10 +150,6 @@ def load_dataset(name: str, split: str | Sequence[str] = "train", data_root: str
     pairs, concepts = _all_pairs(name, str(Path(path) if path else root / spec.path), str(root), seed)
     return PairDataset(name, [p for p in pairs if p.split in splits], concepts, spec.modality,
                        spec.multi_label, seed)
-
-
-def dataset_names() -> list[str]:
-    return list(DATASETS)
 
 
 def _spec(name: str) -> DatasetSpec:

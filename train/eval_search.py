@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from .evaluate import Embedder, EvalSet
+    from .eval_sets import Embedder, EvalSet
 
 PNEUMONIAS = ("pneumonia", "COVID-19 pneumonia", "SARS pneumonia", "MERS pneumonia", "streptococcal pneumonia",
               "Pneumocystis pneumonia", "acute respiratory distress syndrome")

@@ -12,9 +12,11 @@ from pathlib import Path
 
 from m3bind import load_model
 
-from .evaluate import EvalConfig, evaluate, markdown_table
+from .evaluate import evaluate
 from .pipeline import REPO, PipelineConfig
+from .report import markdown_table
 from .stages import bind
+from .suites import EvalConfig
 
 
 def main(argv: list[str] | None = None) -> None:
