@@ -9,14 +9,17 @@ encoder with pooling and a projection to D.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import EcgTowerConfig, ImageTowerConfig, TextTowerConfig
-from .errors import InputError
-from .modalities import Modality
+from .errors import ConfigError, InputError
+from .modalities import Modality, get_modality
+from .sample import Sample
 from .weights import package_name, package_trunk_state, resolve_text_source
 
 PUBLISHED_PREFIXES = ("hf-hub:", "local-dir:")
@@ -73,6 +76,13 @@ class ImageTower(nn.Module):
         if package_name(self.cfg.source):
             return {f"visual.trunk.{k}": v for k, v in package_trunk_state(self.cfg.source, self.visual.trunk).items()}
         return {}
+
+    def prepare(self, sample: Sample, keep_colour: bool = False) -> torch.Tensor:
+        """The tower's input for an image sample: grey for a grey modality unless ``keep_colour`` (the modality
+        detector reads colour), fitted on the grid of the file's stored size (see ``preprocess``)."""
+        stored = (sample.meta.get("height"), sample.meta.get("width"))
+        return self.preprocess(sample.data, None if keep_colour else get_modality(sample.modality),
+                               stored if all(stored) else None)
 
     def preprocess(self, image: np.ndarray, modality: Modality | None,
                    stored_size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -263,9 +273,10 @@ class EcgTower(nn.Module):
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 
-    def preprocess(self, signal: np.ndarray, lead_mask: list[bool]) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(signal, dtype=np.float32))
-        mask = torch.tensor(lead_mask, dtype=torch.float32)[:, None].expand_as(x)
+    def prepare(self, sample: Sample) -> torch.Tensor:
+        """The tower's input for an ECG sample: its leads (missing ones zeroed) and their present flags."""
+        x = torch.from_numpy(np.ascontiguousarray(sample.data, dtype=np.float32))
+        mask = torch.tensor(sample.meta.get("lead_mask", [True] * len(x)), dtype=torch.float32)[:, None].expand_as(x)
         return torch.cat([x * mask, mask])
 
     def body(self, signals: torch.Tensor) -> torch.Tensor:
@@ -317,5 +328,20 @@ class TextTower(nn.Module):
         return self.proj(self.pool(tokens))
 
 
-def build_tower(cfg: ImageTowerConfig | EcgTowerConfig, dim: int) -> ImageTower | EcgTower:
-    return EcgTower(cfg, dim) if cfg.kind == "ecg" else ImageTower(cfg, dim)
+# Which tower each tower config class builds. A new tower type (e.g. a published teacher's) registers its config
+# class here with ``register_tower`` (and in ``m3bind.config.TOWER_CONFIGS`` so saved configs parse back).
+TOWER_BUILDERS: dict[type, Callable[[Any, int], nn.Module]] = {ImageTowerConfig: ImageTower, EcgTowerConfig: EcgTower}
+
+
+def register_tower(config_class: type, builder: Callable[[Any, int], nn.Module]) -> None:
+    """Let ``build_tower`` build ``builder(cfg, dim)`` for configs of ``config_class`` (or a subclass)."""
+    TOWER_BUILDERS[config_class] = builder
+
+
+def build_tower(cfg: Any, dim: int) -> nn.Module:
+    """The tower a tower config describes, projecting to ``dim``; ``cfg`` is left as it was."""
+    for cls in type(cfg).__mro__:
+        if cls in TOWER_BUILDERS:
+            return TOWER_BUILDERS[cls](cfg, dim)
+    raise ConfigError(f"No tower is registered for {type(cfg).__name__}; known: "
+                      f"{', '.join(c.__name__ for c in TOWER_BUILDERS)}.")

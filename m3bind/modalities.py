@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import WrongModalityError
+from .kinds import input_kind
 
 
 @dataclass(frozen=True)
 class Modality:
     name: str
     title: str
-    kind: str  # "image" or "ecg": which reader family and which tower family
+    kind: str  # an input kind of ``m3bind.kinds`` ("image", "ecg"): which reader family and which tower family
     grayscale: bool = False  # images are collapsed to one grey channel (replicated x3) before the tower
     dicom_codes: tuple[str, ...] = ()  # DICOM (0008,0060) Modality values that announce it
     prompt_templates: tuple[str, ...] = ("{}",)
@@ -32,8 +33,8 @@ _REGISTRY: dict[str, Modality] = {}
 
 
 def register(modality: Modality) -> Modality:
-    if modality.kind not in ("image", "ecg"):
-        raise ValueError(f"unknown reader kind {modality.kind!r}")
+    """Declare a modality (``ConfigError`` if its kind is not one of ``m3bind.kinds``)."""
+    input_kind(modality.kind)
     _REGISTRY[modality.name] = modality
     return modality
 

@@ -90,10 +90,9 @@ class M3BindModel(nn.Module):
     @torch.inference_mode()
     def modality_probabilities(self, sample: Sample) -> dict[str, float]:
         """The detector's probability of each modality for an image sample ({} without a detector)."""
-        if self.detector is None or sample.kind != "image":
+        if self.detector is None or sample.kind != self.config.detector.tower.kind:
             return {}
-        stored = (sample.meta.get("height"), sample.meta.get("width"))
-        pixels = self.detector.preprocess(sample.data, None, stored if all(stored) else None)
+        pixels = self.detector.prepare(sample, keep_colour=True)
         probs = torch.softmax(self.detector(pixels[None].to(self.device))[0].float(), dim=0).cpu().numpy()
         return dict(zip(self.config.detector.modalities, map(float, probs)))
 
@@ -114,11 +113,8 @@ class M3BindModel(nn.Module):
 
     # ----- embedding ------------------------------------------------------------------------------
     def preprocess(self, sample: Sample) -> torch.Tensor:
-        tower = self.tower_for(self.route(sample).modality)
-        if sample.kind == "ecg":
-            return tower.preprocess(sample.data, sample.meta.get("lead_mask", [True] * sample.data.shape[0]))
-        stored = (sample.meta.get("height"), sample.meta.get("width"))
-        return tower.preprocess(sample.data, get_modality(sample.modality), stored if all(stored) else None)
+        """The input of the tower of the sample's modality (the sample is routed first, see ``route``)."""
+        return self.tower_for(self.route(sample).modality).prepare(sample)
 
     def encode(self, modality: str, batch: torch.Tensor) -> torch.Tensor:
         """Unit-norm embeddings of a preprocessed batch of one modality (differentiable, for training)."""

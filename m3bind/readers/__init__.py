@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
-from ..errors import (CorruptFileError, InputError, InputTooLargeError, MissingFileError, UnsupportedFormatError,
+from ..errors import (CorruptFileError, InputTooLargeError, MissingFileError, UnsupportedFormatError,
                       WrongModalityError)
+from ..kinds import input_kind
 from ..modalities import get_modality
 from ..sample import Sample
 
@@ -174,9 +175,8 @@ def _apply_modality(sample: Sample, modality: str | None) -> Sample:
         return sample
     wanted = get_modality(modality)
     if wanted.kind != sample.kind:
-        raise WrongModalityError(
-            f"This file is {'an ECG' if sample.kind == 'ecg' else 'an image'}, "
-            f"not a {wanted.title} {'recording' if wanted.kind == 'ecg' else 'image'}.")
+        raise WrongModalityError(f"This file is {input_kind(sample.kind).description}, "
+                                 f"not a {wanted.title} {input_kind(wanted.kind).item_word}.")
     if wanted.name != sample.modality:
         sample.meta["detected_modality"] = sample.modality
     sample.modality = wanted.name
