@@ -1,0 +1,182 @@
+"""Stage 1 as the paper does it, for published teachers.
+
+Every teacher gets LoRA (peft; r=8, alpha=8, dropout 0.1 by default) on the query/value projections of both
+of its towers (``lora.add_qv_lora``) and keeps its own contrastive loss on its own (image, caption) pairs; one
+batch of shared texts goes to every teacher through its own tokenizer, and the pairwise MSE between the
+teachers' unit text embeddings of it, in the shared width D, is added with ``align_weight``. Each teacher's
+projection into D is an isometry while it trains (see ``train.published.teachers``), so alignment across
+different embedding widths cannot cheat by shrinking or folding a projection.
+
+The step is written for a GPU at the paper's scale: bf16 autocast, fused AdamW, the attention kernels the
+towers ship (PyTorch SDPA in timm, open_clip and transformers), optional ``torch.compile`` and gradient
+checkpointing, and nothing in ``AlignStep.__call__`` waits for the device (inputs, soft targets and token ids
+are prepared on the host and copied without blocking; losses are returned as device tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+from tqdm.auto import tqdm
+
+from m3bind import M3BindModel
+
+from ..losses import match_matrix, pairwise_alignment
+from ..stages import ModalityData, augment, fit_centres
+from .lora import add_qv_lora, merge_qv_lora
+
+
+@dataclass
+class AlignConfig:
+    steps: int = 3000  # the authors' defaults: 3,000 iterations, batch 48, lr 2e-5
+    batch_size: int = 48
+    shared_batch: int = 48
+    lr: float = 2e-5  # LoRA adapters
+    proj_lr: float = 1e-3  # the per-teacher isometries into D
+    weight_decay: float = 1e-4
+    align_weight: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.1
+    bf16: bool = True  # autocast in bfloat16 where the device is a GPU
+    compile: bool = False  # torch.compile the loss (pays off for long runs on a GPU)
+    checkpointing: bool = False  # gradient checkpointing in both towers (memory for batch size)
+    log_every: int = 100  # host reads of the losses (each one waits for the device)
+
+
+def _image_root(model: M3BindModel, modality: str) -> nn.Module:
+    return model.tower_for(modality).visual
+
+
+def enable_checkpointing(module: nn.Module) -> None:
+    """Gradient checkpointing through whichever switch the tower's library offers."""
+    for switch in ("set_grad_checkpointing", "gradient_checkpointing_enable"):
+        if hasattr(module, switch):
+            getattr(module, switch)()
+            return
+    for child in module.children():
+        enable_checkpointing(child)
+
+
+def prepare_teacher(model: M3BindModel, modality: str, cfg: AlignConfig) -> list[dict]:
+    """LoRA on both towers, the projection made a trainable isometry; the optimiser's parameter groups."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = [p for root in (_image_root(model, modality), model.text.model)
+            for p in add_qv_lora(root, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)]
+    proj = model.tower_for(modality).proj
+    parametrizations.orthogonal(proj)
+    if cfg.checkpointing:
+        enable_checkpointing(_image_root(model, modality))
+        enable_checkpointing(model.text.model)
+    return [{"params": lora, "lr": cfg.lr}, {"params": list(proj.parameters()), "lr": cfg.proj_lr}]
+
+
+def finish_teacher(model: M3BindModel, modality: str) -> None:
+    """Adapters merged into the base weights and the projection a plain linear again: the published layout
+    plus what changed, which is what ``M3BindModel.save_pretrained`` stores."""
+    merge_qv_lora(_image_root(model, modality))
+    merge_qv_lora(model.text.model)
+    parametrize.remove_parametrizations(model.tower_for(modality).proj, "weight", leave_parametrized=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+
+
+def soft_contrastive(image: torch.Tensor, text: torch.Tensor, matches: torch.Tensor, scale: float) -> torch.Tensor:
+    """Symmetric cross-entropy of unit embeddings against 0/1 ``matches`` (caption j true of item i), spread
+    evenly over every true caption (row) and every item a caption is true of (column)."""
+    logits = scale * image @ text.T
+    return 0.5 * (F.cross_entropy(logits, matches / matches.sum(1, keepdim=True))
+                  + F.cross_entropy(logits.T, matches.T / matches.T.sum(1, keepdim=True)))
+
+
+@dataclass
+class TeacherBatch:
+    """One teacher's share of a step, already on the device."""
+
+    pixels: torch.Tensor
+    tokens: dict[str, torch.Tensor]
+    matches: torch.Tensor  # (B, B) 0/1
+    shared: dict[str, torch.Tensor]  # the shared texts, in this teacher's tokens
+
+
+class AlignStep:
+    """One optimisation step over every teacher: own contrastive losses + weighted pairwise text MSE."""
+
+    def __init__(self, teachers: dict[str, M3BindModel], cfg: AlignConfig, device: torch.device):
+        self.teachers, self.cfg, self.device = teachers, cfg, device
+        groups = [g for m, t in teachers.items() for g in prepare_teacher(t, m, cfg)]
+        cuda = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=cuda)
+        warmup = max(1, cfg.steps // 20)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+            1 + math.cos(math.pi * min(s, cfg.steps) / max(1, cfg.steps))))
+        self.scales = {m: t.config.logit_scale for m, t in teachers.items()}
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and cuda)
+        self.loss = torch.compile(self._loss) if cfg.compile else self._loss
+
+    def _loss(self, batches: dict[str, TeacherBatch]) -> tuple[torch.Tensor, torch.Tensor]:
+        own, shared = [], []
+        for m, b in batches.items():
+            model = self.teachers[m]
+            image = F.normalize(model.tower_for(m)(b.pixels).float(), dim=-1)
+            text = F.normalize(model.text(b.tokens).float(), dim=-1)
+            own.append(soft_contrastive(image, text, b.matches, self.scales[m]))
+            shared.append(F.normalize(model.text(b.shared).float(), dim=-1))
+        return torch.stack(own).sum(), pairwise_alignment(shared)
+
+    def __call__(self, batches: dict[str, TeacherBatch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train one step; the (own, alignment) losses come back as device tensors (reading them waits)."""
+        with self.autocast:
+            own, aligned = self.loss(batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        (own + self.cfg.align_weight * aligned).backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return own.detach(), aligned.detach()
+
+
+def to_device(tokens: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in tokens.items()}
+
+
+def host_batch(model: M3BindModel, data: ModalityData, batch, shared: Sequence[str], generator: torch.Generator,
+               device: torch.device) -> TeacherBatch:
+    """Everything one teacher's step needs, prepared on the host (augmentation, tokens, soft targets)."""
+    pixels = augment(data.inputs[torch.from_numpy(batch.rows)].float(), "image", generator)
+    inputs = to_device({"pixels": pixels, "matches": match_matrix(batch.keys, batch.text_keys, None)}, device)
+    return TeacherBatch(inputs["pixels"], to_device(model.text.tokenize(batch.texts), device), inputs["matches"],
+                        to_device(model.text.tokenize(shared), device))
+
+
+def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], shared_texts: Sequence[str],
+          cfg: AlignConfig, seed: int = 0) -> dict[str, M3BindModel]:
+    """Stage 1 on published teachers (in place); each teacher ends merged and with its centre fitted."""
+    device = next(iter(teachers.values())).device
+    for model in teachers.values():
+        model.train()
+    step = AlignStep(teachers, cfg, device)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    streams = {m: d.batches(min(cfg.batch_size, len(d)), rng) for m, d in data.items()}
+    progress = tqdm(range(cfg.steps), desc="stage 1 align (published teachers)")
+    for i in progress:
+        shared = [shared_texts[j] for j in rng.choice(len(shared_texts), min(cfg.shared_batch, len(shared_texts)),
+                                                      replace=False)]
+        batches = {m: host_batch(teachers[m], data[m], next(streams[m]), shared, generator, device) for m in teachers}
+        own, aligned = step(batches)
+        if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
+            progress.set_postfix(contrastive=float(own) / len(teachers), align=float(aligned))
+    for m, model in teachers.items():
+        finish_teacher(model, m)
+        fit_centres(model, {m: data[m]}, seed=seed)
+    return teachers

@@ -1,0 +1,118 @@
+"""Published CLIP checkpoints as M3Bind teachers, each with both towers, its tokenizer and its preprocessing.
+
+A teacher is an ``M3BindModel`` whose one image tower is the checkpoint's image tower in its exported form
+(``ImageTower`` for open_clip sources, ``m3bind.published.HFClipImageTower`` for a ``CLIPModel``) and whose
+text tower is the checkpoint's own text tower behind M3Bind's text interface (``PublishedText``). Both end in
+the same per-teacher projection into the shared width D (the tower's ``proj``): a linear isometry while
+stage 1 trains (``orthogonal`` parametrisation), so each teacher's cosine geometry is untouched by it and
+the text alignment loss can only fall by the teachers' text spaces agreeing, never by the projections
+collapsing. Stage 2 and ``bind`` (``train.stages``) then work on these models unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from m3bind import M3BindModel, ModelConfig, TextTowerConfig
+from m3bind.config import ImageTowerConfig
+from m3bind.encoders import build_tower
+from m3bind.published import HFClipTowerConfig
+
+TEACHER_TYPES = ("open_clip", "hf_clip")
+
+
+@dataclass
+class TeacherPlan:
+    """One published teacher in a config: where it comes from and what it trains on."""
+
+    type: str  # one of TEACHER_TYPES
+    source: str  # open_clip: "hf-hub:org/repo" or "local-dir:/path"; hf_clip: hub id or folder
+    datasets: list[str]
+    max_items: int | None = None
+    context_length: int | None = None  # hf_clip: token limit (open_clip configs carry their own)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.type not in TEACHER_TYPES:
+            raise ValueError(f"Unknown teacher type {self.type!r}; known: {', '.join(TEACHER_TYPES)}.")
+        self.source = os.path.expandvars(self.source)  # configs may name folders through the environment
+
+
+class PublishedText(nn.Module):
+    """A teacher's own text tower: its tokenizer, its encoder (``model``, where LoRA goes) and the projection
+    into D that it shares with the teacher's image tower."""
+
+    def __init__(self, model: nn.Module, encode: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                 tokenize: Callable[[list[str]], dict[str, torch.Tensor]], proj: nn.Linear):
+        super().__init__()
+        self.model, self.proj = model, proj
+        self._encode, self._tokenize = encode, tokenize
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self._tokenize(list(texts))
+
+    def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.proj(self._encode(tokens))
+
+
+def _open_clip_text(source: str, proj: nn.Linear) -> tuple[PublishedText, float]:
+    import open_clip
+
+    clip = open_clip.create_model(source)
+    clip.visual = None  # the image tower is built on its own (``ImageTower``); only the text half is kept
+    tokenizer = open_clip.get_tokenizer(source)
+    text = PublishedText(clip, lambda tokens: clip.encode_text(tokens["input_ids"]),
+                         lambda texts: {"input_ids": tokenizer(texts)}, proj)
+    return text, float(clip.logit_scale.detach().exp())
+
+
+def _hf_clip_text(source: str, proj: nn.Linear, context_length: int | None) -> tuple[PublishedText, float]:
+    from transformers import AutoTokenizer, CLIPModel
+
+    clip = CLIPModel.from_pretrained(source)
+    del clip.vision_model, clip.visual_projection
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    limit = context_length or clip.config.text_config.max_position_embeddings
+    encode = lambda tokens: clip.text_projection(clip.text_model(**tokens).pooler_output)  # noqa: E731
+    tokenize = lambda texts: dict(tokenizer(texts, padding=True, truncation=True, max_length=limit,  # noqa: E731
+                                            return_tensors="pt"))
+    return PublishedText(clip, encode, tokenize, proj), float(clip.logit_scale.detach().exp())
+
+
+def load_teacher(modality: str, plan: TeacherPlan, dim: int | None, seed: int = 0) -> M3BindModel:
+    """The published checkpoint as an M3Bind teacher; ``dim`` None keeps the checkpoint's own width."""
+    torch.manual_seed(seed)
+    cfg = (ImageTowerConfig(source=plan.source, vision_cfg={}) if plan.type == "open_clip"
+           else HFClipTowerConfig(source=plan.source))
+    width = _embed_width(plan)
+    tower = build_tower(cfg, dim or width)
+    nn.init.orthogonal_(tower.proj.weight)
+    if plan.type == "open_clip":
+        text, logit_scale = _open_clip_text(plan.source, tower.proj)
+    else:
+        text, logit_scale = _hf_clip_text(plan.source, tower.proj, plan.context_length)
+    config = ModelConfig(name=f"teacher-{modality}", dim=dim or width, text=TextTowerConfig(source=plan.source),
+                         towers={modality: copy.deepcopy(cfg)}, modality_towers={modality: modality},
+                         logit_scale=logit_scale)
+    return M3BindModel(config, text=text, towers={modality: tower})
+
+
+def _embed_width(plan: TeacherPlan) -> int:
+    """The checkpoint's joint embedding width (what its projections output)."""
+    if plan.type == "open_clip":
+        import open_clip
+
+        return int(open_clip.get_model_config(plan.source)["embed_dim"])
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(plan.source).projection_dim)
+
+
+def embed_widths(plans: dict[str, TeacherPlan]) -> dict[str, int]:
+    return {m: _embed_width(p) for m, p in plans.items()}
