@@ -98,7 +98,7 @@ def load_teacher(modality: str, plan: TeacherPlan, dim: int | None, seed: int = 
     else:
         text, logit_scale = _hf_clip_text(plan.source, tower.proj, plan.context_length)
     config = ModelConfig(name=f"teacher-{modality}", dim=dim or width, text=TextTowerConfig(source=plan.source),
-                         towers={modality: copy.deepcopy(cfg)}, modality_towers={modality: modality},
+                         towers={modality: copy.deepcopy(tower.cfg)}, modality_towers={modality: modality},
                          logit_scale=logit_scale)
     return M3BindModel(config, text=text, towers={modality: tower})
 
