@@ -100,7 +100,8 @@ def _write_open_clip(path: Path, model_cfg: dict, mean: tuple, std: tuple, seed:
 
 def open_clip_bert_folder(path: Path, bert_id: str, embed_dim: int = 64, context_length: int = 256,
                           vision: str = "test_vit", image_size: int = 160, seed: int = 1) -> Path:
-    """BiomedCLIP's layout: timm ViT + the HF text model ``bert_id`` (hub id or folder), MLP projection."""
+    """BiomedCLIP's layout: timm ViT + the HF text model ``bert_id`` (hub id or folder), MLP projection, and the
+    text model's tokenizer files beside the weights (what ``local-dir:`` loading reads)."""
     model_cfg = {
         "embed_dim": embed_dim,
         "vision_cfg": {"timm_model_name": vision, "timm_model_pretrained": False, "timm_pool": "",
@@ -108,6 +109,9 @@ def open_clip_bert_folder(path: Path, bert_id: str, embed_dim: int = 64, context
         "text_cfg": {"hf_model_name": bert_id, "hf_tokenizer_name": bert_id, "hf_proj_type": "mlp",
                      "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": context_length},
     }
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(bert_id).save_pretrained(path)  # as open_clip's push_to_hf_hub does
     return _write_open_clip(path, model_cfg, CLIP_MEAN, CLIP_STD, seed)
 
 
