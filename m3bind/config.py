@@ -9,11 +9,13 @@ for a tower that starts from random weights.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import ConfigError, InputError
+
+PUBLISHED_PREFIXES = ("hf-hub:", "local-dir:")  # sources that are whole published open_clip checkpoints
 
 
 @dataclass
@@ -29,9 +31,21 @@ class ImageTowerConfig:
     # once per image, so a pretrained trunk fine-tunes its upper stages at real resolution on a CPU
     frozen_stages: int = 0
 
+    @property
+    def architecture(self) -> str:
+        """Which image tower this config builds (``m3bind.encoders.IMAGE_BACKBONES``): ``"cnn"``, the compact
+        residual CNN (``vision_cfg`` gives ``cnn_widths``, optionally ``cnn_members``); ``"published"``, the
+        visual half of a published open_clip checkpoint (``source`` hf-hub:/local-dir:); else ``"open_clip"``,
+        an open_clip vision tower built from ``vision_cfg`` (timm-backed or open_clip's own)."""
+        if "cnn_widths" in self.vision_cfg:
+            return "cnn"
+        if self.source and self.source.startswith(PUBLISHED_PREFIXES):
+            return "published"
+        return "open_clip"
+
     def describe(self) -> str:
         """One line for model cards."""
-        if "cnn_widths" in self.vision_cfg:
+        if self.architecture == "cnn":
             arch = f"residual CNN ({'-'.join(map(str, self.vision_cfg['cnn_widths']))})"
             members = self.vision_cfg.get("cnn_members", 1)
             arch += f" x {members}, outputs averaged" if members > 1 else ""
@@ -87,17 +101,12 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
         raw = dict(raw)
-        towers = {}
-        for name, tower in raw.pop("towers", {}).items():
-            tower_cls = EcgTowerConfig if tower.get("kind") == "ecg" else ImageTowerConfig
-            towers[name] = tower_cls(**{k: tuple(v) if isinstance(v, list) and k != "vision_cfg" else v
-                                        for k, v in tower.items()})
+        towers = {name: tower_config_from_dict(tower) for name, tower in raw.pop("towers", {}).items()}
         text = TextTowerConfig(**raw.pop("text", {}))
         detector = raw.pop("detector", None)
         if detector is not None:
-            tower = {k: tuple(v) if isinstance(v, list) and k != "vision_cfg" else v
-                     for k, v in detector.pop("tower", {}).items()}
-            detector = DetectorConfig(tower=ImageTowerConfig(**tower), **detector)
+            detector = dict(detector)
+            detector = DetectorConfig(tower=tower_config_from_dict(detector.pop("tower", {})), **detector)
         return cls(text=text, towers=towers, detector=detector, **raw)
 
     def save(self, path: Path) -> None:
@@ -109,6 +118,30 @@ class ModelConfig:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, TypeError) as exc:
             raise InputError(f"{path} is not a valid M3Bind model config: {exc}") from exc
+
+
+# Tower config classes by the name their dicts carry: "type" where a class has such a field, else its "kind"
+# (an input kind, default "image"). A new tower type (e.g. a published teacher's) registers its class here and
+# its builder in ``m3bind.encoders.TOWER_BUILDERS``.
+TOWER_CONFIGS: dict[str, type] = {"image": ImageTowerConfig, "ecg": EcgTowerConfig}
+
+
+def register_tower_config(name: str, config_class: type) -> None:
+    """Let ``tower_config_from_dict`` parse dicts naming ``name`` (in ``type``, or ``kind``) into ``config_class``."""
+    TOWER_CONFIGS[name] = config_class
+
+
+def tower_config_from_dict(raw: dict[str, Any]) -> Any:
+    """The one parser of a tower config (a saved model's ``config.json``, a training YAML): the class that its
+    ``type`` or ``kind`` names, JSON lists as tuples (except inside ``vision_cfg``). ``raw`` is not changed."""
+    name = raw.get("type", raw.get("kind", "image"))
+    if name not in TOWER_CONFIGS:
+        raise ConfigError(f"unknown tower type {name!r}; known: {', '.join(TOWER_CONFIGS)}")
+    config_class = TOWER_CONFIGS[name]
+    unknown = set(raw) - {f.name for f in fields(config_class)}
+    if unknown:
+        raise ConfigError(f"unknown {config_class.__name__} fields {sorted(unknown)}")
+    return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
 def default_config() -> ModelConfig:

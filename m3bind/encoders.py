@@ -9,6 +9,7 @@ encoder with pooling and a projection to D.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import numpy as np
@@ -17,51 +18,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EcgTowerConfig, ImageTowerConfig, TextTowerConfig
-from .errors import ConfigError, InputError
+from .errors import ConfigError
 from .modalities import Modality, get_modality
 from .sample import Sample
 from .weights import package_name, package_trunk_state, resolve_text_source
 
-PUBLISHED_PREFIXES = ("hf-hub:", "local-dir:")
 _CHANNEL_MEAN = np.full(3, 1 / 3, dtype=np.float32)
 
 
 class ImageTower(nn.Module):
     def __init__(self, cfg: ImageTowerConfig, dim: int):
+        """The tower that ``cfg.architecture`` names (``IMAGE_BACKBONES``), projecting to ``dim``. ``self.cfg``
+        is the config the tower runs with (a published checkpoint brings its own size, mean and std); the
+        caller's ``cfg`` is never changed, so a model's config and fingerprint stay as given."""
         super().__init__()
-        import open_clip
-
-        self.cfg = cfg
-        if "cnn_widths" in cfg.vision_cfg:
-            if cfg.source:
-                raise InputError("A compact CNN tower starts from random weights; its source must be null.")
-            widths, members = tuple(cfg.vision_cfg["cnn_widths"]), cfg.vision_cfg.get("cnn_members", 1)
-            if not isinstance(members, int) or members < 1:
-                raise InputError(f"cnn_members must be a whole number of at least 1, not {members!r}.")
-            self.visual = ResidualCnn(widths, dim) if members == 1 else CnnEnsemble(widths, dim, members)
-        elif cfg.source and cfg.source.startswith(PUBLISHED_PREFIXES):
-            clip = open_clip.create_model(cfg.source)
-            preprocess = open_clip.get_model_preprocess_cfg(clip)
-            size = preprocess.get("size", cfg.image_size)
-            cfg.image_size = size if isinstance(size, int) else size[0]
-            cfg.mean, cfg.std = tuple(preprocess.get("mean", cfg.mean)), tuple(preprocess.get("std", cfg.std))
-            self.visual = clip.visual
-            out_dim = open_clip.get_model_config(cfg.source)["embed_dim"]
-        else:
-            from open_clip.model import CLIPVisionCfg, _build_vision_tower
-
-            out_dim = dim  # the tower's own head projects to D
-            self.visual = _build_vision_tower(out_dim, CLIPVisionCfg(image_size=cfg.image_size, **cfg.vision_cfg))
-            if package_name(cfg.source):
-                self.visual.trunk.load_state_dict(package_trunk_state(cfg.source, self.visual.trunk))
-        self.proj = nn.Linear(out_dim, dim, bias=False) if cfg.source and cfg.source.startswith(
-            PUBLISHED_PREFIXES) else nn.Identity()
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+        self.visual, self.proj, self.cfg = IMAGE_BACKBONES[cfg.architecture](cfg, dim)
+        self.register_buffer("mean", torch.tensor(self.cfg.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.cfg.std).view(1, 3, 1, 1), persistent=False)
 
     def base_keys(self) -> set[str]:
         """Names of the weights that come from the tower's source (a saved model may omit them)."""
-        if self.cfg.source and self.cfg.source.startswith(PUBLISHED_PREFIXES):
+        if self.cfg.architecture == "published":
             return {f"visual.{k}" for k in self.visual.state_dict()}
         if package_name(self.cfg.source):
             return {f"visual.trunk.{k}" for k in self.visual.trunk.state_dict()}
@@ -69,7 +46,7 @@ class ImageTower(nn.Module):
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights the tower starts from, reloaded from their source (what a saved model may omit)."""
-        if self.cfg.source and self.cfg.source.startswith(PUBLISHED_PREFIXES):
+        if self.cfg.architecture == "published":
             import open_clip
 
             return {f"visual.{k}": v for k, v in open_clip.create_model(self.cfg.source).visual.state_dict().items()}
@@ -118,7 +95,7 @@ class ImageTower(nn.Module):
     def _stages(self) -> nn.Module:
         trunk = getattr(self.visual, "trunk", None)
         if not hasattr(trunk, "blocks") or not hasattr(trunk, "conv_stem"):
-            raise InputError("frozen_stages needs an EfficientNet-style timm trunk (conv_stem, blocks).")
+            raise ConfigError("frozen_stages needs an EfficientNet-style timm trunk (conv_stem, blocks).")
         return trunk
 
     def lower(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -160,6 +137,48 @@ class ImageTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(pixels))
+
+
+def _cnn_backbone(cfg: ImageTowerConfig, dim: int) -> tuple[nn.Module, nn.Module, ImageTowerConfig]:
+    """The compact residual CNN (or an ensemble of ``cnn_members``), from random weights, its head to D."""
+    if cfg.source:
+        raise ConfigError("A compact CNN tower starts from random weights; its source must be null.")
+    widths, members = tuple(cfg.vision_cfg["cnn_widths"]), cfg.vision_cfg.get("cnn_members", 1)
+    if not isinstance(members, int) or members < 1:
+        raise ConfigError(f"cnn_members must be a whole number of at least 1, not {members!r}.")
+    visual = ResidualCnn(widths, dim) if members == 1 else CnnEnsemble(widths, dim, members)
+    return visual, nn.Identity(), cfg
+
+
+def _published_backbone(cfg: ImageTowerConfig, dim: int) -> tuple[nn.Module, nn.Module, ImageTowerConfig]:
+    """The visual half of a published open_clip checkpoint and a projection to D; the checkpoint's own
+    preprocessing (size, mean, std) replaces the config's, in a copy."""
+    import open_clip
+
+    clip = open_clip.create_model(cfg.source)
+    preprocess = open_clip.get_model_preprocess_cfg(clip)
+    size = preprocess.get("size", cfg.image_size)
+    runs_with = dataclasses.replace(cfg, image_size=size if isinstance(size, int) else size[0],
+                                    mean=tuple(preprocess.get("mean", cfg.mean)),
+                                    std=tuple(preprocess.get("std", cfg.std)))
+    out_dim = open_clip.get_model_config(cfg.source)["embed_dim"]
+    return clip.visual, nn.Linear(out_dim, dim, bias=False), runs_with
+
+
+def _open_clip_backbone(cfg: ImageTowerConfig, dim: int) -> tuple[nn.Module, nn.Module, ImageTowerConfig]:
+    """An open_clip vision tower built from ``vision_cfg`` (its own head projects to D), its trunk loaded from
+    the weights a package ships when ``source`` names one."""
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    visual = _build_vision_tower(dim, CLIPVisionCfg(image_size=cfg.image_size, **cfg.vision_cfg))
+    if package_name(cfg.source):
+        visual.trunk.load_state_dict(package_trunk_state(cfg.source, visual.trunk))
+    return visual, nn.Identity(), cfg
+
+
+# ImageTowerConfig.architecture -> (visual module, projection to D, the config the tower runs with)
+IMAGE_BACKBONES: dict[str, Callable[[ImageTowerConfig, int], tuple[nn.Module, nn.Module, ImageTowerConfig]]] = {
+    "cnn": _cnn_backbone, "published": _published_backbone, "open_clip": _open_clip_backbone}
 
 
 class _ResidualBlock(nn.Module):

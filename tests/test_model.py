@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import m3bind
-from m3bind.encoders import ImageTower
+from m3bind.config import EcgTowerConfig, ImageTowerConfig, ModelConfig, register_tower_config, tower_config_from_dict
+from m3bind.encoders import ImageTower, build_tower, register_tower
+from m3bind.errors import ConfigError
 
 RNG = np.random.default_rng(0)
 
@@ -118,11 +120,11 @@ def test_compact_cnn_tower_splits_into_body_and_head_and_starts_from_random_weig
         torch.testing.assert_close(tower.head(features), tower(pixels))
     assert {id(p) for p in tower.head_parameters()} == {id(p) for p in tower.visual.head.parameters()}
     assert tower.base_keys() == set()
-    with pytest.raises(m3bind.InputError, match="random weights"):
+    with pytest.raises(ConfigError, match="random weights"):
         ImageTower(m3bind.ImageTowerConfig(vision_cfg={"cnn_widths": (8,)}), 24)
     ensemble = ImageTower(dataclasses.replace(cfg, vision_cfg={"cnn_widths": (8, 16, 32), "cnn_members": 3}), 24)
     assert ensemble.body(pixels).shape == (2, 3 * 64)  # every member's features, side by side
-    with pytest.raises(m3bind.InputError, match="cnn_members"):
+    with pytest.raises(ConfigError, match="cnn_members"):
         ImageTower(dataclasses.replace(cfg, vision_cfg={"cnn_widths": (8,), "cnn_members": 0}), 24)
 
 
@@ -191,9 +193,17 @@ def published_config(source: str) -> m3bind.ModelConfig:
 
 def test_published_open_clip_checkpoint_from_local_dir(tmp_path):
     clip = save_tiny_open_clip(tmp_path / "clip")
-    model = m3bind.M3BindModel(published_config(f"local-dir:{tmp_path / 'clip'}"))
+    config = published_config(f"local-dir:{tmp_path / 'clip'}")
+    given = json.dumps(config.to_dict(), sort_keys=True)
+    model = m3bind.M3BindModel(config)
     tower = model.towers["xray"]
-    assert tower.cfg.image_size == 32 and tower.cfg.mean == (0.5, 0.5, 0.5)
+    assert tower.cfg.image_size == 32 and tower.cfg.mean == (0.5, 0.5, 0.5)  # the checkpoint's preprocessing
+    # ... in the tower's own copy: building never rewrites the caller's config, so the fingerprint stays put
+    assert json.dumps(config.to_dict(), sort_keys=True) == given and config.towers["xray"].image_size == 224
+    fingerprint = model.fingerprint
+    build_tower(config.towers["xray"], 32)
+    model._fingerprint = None
+    assert model.fingerprint == fingerprint
     pixels = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(tower.visual(pixels), clip.encode_image(pixels))
@@ -264,3 +274,30 @@ def test_default_architecture_covers_every_registered_modality_with_data_here():
     config = m3bind.default_config()
     assert set(config.modality_towers) == set(m3bind.modality_names()) - {"dermoscopy"}
     assert config.towers["ecg"].kind == "ecg"
+
+
+def test_one_parser_reads_every_tower_config_and_new_tower_types_register_into_it(tiny_config):
+    for tower in tiny_config.towers.values():
+        saved = json.loads(json.dumps(dataclasses.asdict(tower)))
+        parsed = tower_config_from_dict(saved)
+        assert type(parsed) is type(tower) and json.loads(json.dumps(dataclasses.asdict(parsed))) == saved
+    assert tower_config_from_dict({"kind": "ecg", "widths": [8, 16]}) == EcgTowerConfig(widths=(8, 16))
+    assert tower_config_from_dict({}) == ImageTowerConfig()
+    with pytest.raises(ConfigError, match="unknown tower type 'sonar'"):
+        tower_config_from_dict({"kind": "sonar"})
+    with pytest.raises(ConfigError, match="cnn_width"):
+        tower_config_from_dict({"cnn_width": [8]})
+    assert ImageTowerConfig(vision_cfg={"cnn_widths": (8,)}, source=None).architecture == "cnn"
+    assert ImageTowerConfig(source="hf-hub:org/clip").architecture == "published"
+    assert ImageTowerConfig().architecture == "open_clip"
+
+    @dataclasses.dataclass
+    class WideEcgTowerConfig(EcgTowerConfig):  # a tower type of its own, told apart by its "type" field
+        type: str = "wide-ecg-test"
+
+    register_tower_config("wide-ecg-test", WideEcgTowerConfig)
+    register_tower(WideEcgTowerConfig, lambda cfg, dim: torch.nn.Linear(cfg.widths[0], dim))
+    config = ModelConfig(name="wide", dim=8, towers={"ecg": WideEcgTowerConfig(widths=(4,))},
+                         modality_towers={"ecg": "ecg"})
+    loaded = ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert loaded == config and isinstance(build_tower(loaded.towers["ecg"], 8), torch.nn.Linear)

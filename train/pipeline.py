@@ -32,7 +32,8 @@ import torch
 import yaml
 
 from m3bind import M3BindModel, TextTowerConfig, load_model
-from m3bind.config import EcgTowerConfig, ImageTowerConfig
+from m3bind.config import EcgTowerConfig, ImageTowerConfig, tower_config_from_dict
+from m3bind.errors import ConfigError
 
 from . import distributed
 from .captions import STATUS_CAPTIONS, modality_texts, shared_text_corpus
@@ -85,12 +86,10 @@ class PipelineConfig:
         raw = {**yaml.safe_load(Path(path).read_text()), **{k: v for k, v in overrides.items() if v is not None}}
         modalities = {}
         for name, plan in raw.pop("modalities").items():
-            tower = dict(plan.pop("tower", {}))
-            tower_cls = EcgTowerConfig if tower.get("kind") == "ecg" else ImageTowerConfig
-            modalities[name] = ModalityPlan(tower=tower_cls(**tower), **plan)
+            modalities[name] = ModalityPlan(tower=tower_config_from_dict(plan.pop("tower", {})), **plan)
             source = modalities[name].trunk_from
             if source is not None and (source == name or source not in modalities):
-                raise ValueError(f"{name}: trunk_from must name a modality listed before it, not {source!r}.")
+                raise ConfigError(f"{name}: trunk_from must name a modality listed before it, not {source!r}.")
         stages = {k: StageConfig(**raw.pop(k, {})) for k in ("teacher", "align", "distill")}
         stages["joint"] = StageConfig(**{"steps": 0, **raw.pop("joint", {})})
         if raw.get("detector") is not None:
