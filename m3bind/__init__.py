@@ -8,8 +8,8 @@ The public API, used alike by the app, the CLI, ``train/`` and the tests::
     model.classify(sample, ["normal chest x-ray", "pneumonia"])
 """
 
-from .errors import (CorruptFileError, InputError, InputTooLargeError, MissingFileError, OptionError,
-                     UnsupportedFormatError, WrongModalityError)
+from .errors import (ConfigError, CorruptFileError, InputError, InputTooLargeError, M3BindError, MissingFileError,
+                     OptionError, UnknownItemError, UnsupportedFormatError, WrongModalityError)
 from .modalities import Modality, get_modality, modality_names, register
 from .readers import Limits, load_input
 from .sample import Sample
@@ -34,8 +34,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'm3bind' has no attribute {name!r}")
 
 __all__ = [
-    "CorruptFileError", "InputError", "InputTooLargeError", "MissingFileError", "OptionError",
-    "UnsupportedFormatError", "WrongModalityError",
+    "ConfigError", "CorruptFileError", "InputError", "InputTooLargeError", "M3BindError", "MissingFileError",
+    "OptionError", "UnknownItemError", "UnsupportedFormatError", "WrongModalityError",
     "Modality", "get_modality", "modality_names", "register",
     "Limits", "load_input", "Sample",
     "EcgTowerConfig", "ImageTowerConfig", "ModelConfig", "TextTowerConfig", "default_config",

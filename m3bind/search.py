@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import InputError
+from .errors import ConfigError, InputError, OptionError
 from .index import selects
 from .library import Hit, Library
 from .sample import Sample
@@ -36,7 +36,7 @@ def search(library: Library, model: Any, query: str | Sample | np.ndarray, k: in
     ``query`` (an input's, to be centred when that modality is not searched); ``None`` for text.
     """
     if k < 1:
-        raise InputError("Ask for at least one result.")
+        raise OptionError("Ask for at least one result.")
     vector = query_vector(library, model, query, modality, exclude_modality, query_modality)
     if not per_modality:
         return library.search(vector, k, modality, exclude_modality, exact)
@@ -59,7 +59,7 @@ def query_vector(library: Library, model: Any, query: str | Sample | np.ndarray,
         if not text:
             raise InputError("Type a finding to search for, e.g. \"pleural effusion\".")
         if query_modality is not None:
-            raise ValueError("query_modality is for embeddings of inputs, not for text")
+            raise ConfigError("query_modality is for embeddings of inputs, not for text")
         return _one(model.embed_text([text]))
     if isinstance(query, Sample):
         vector, query_modality = _one(model.embed(query)), query.modality
@@ -67,7 +67,7 @@ def query_vector(library: Library, model: Any, query: str | Sample | np.ndarray,
         vector = _one(query)
     if query_modality is not None and not selects(query_modality, modality, exclude_modality):
         if model is None:
-            raise ValueError("centring an input's embedding needs its model")
+            raise ConfigError("centring an input's embedding needs its model")
         vector = _one(model.centre(vector, query_modality))
     return vector
 

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m3bind.errors import ConfigError, CorruptFileError, InputError, UnknownItemError, WrongModalityError
+from m3bind.errors import (ConfigError, CorruptFileError, InputError, M3BindError, OptionError, UnknownItemError,
+                           WrongModalityError)
 from m3bind.library import Hit, Library, LibraryMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +122,26 @@ def test_add_refuses_bad_vectors_and_items(small_lib):
     new = lib.add(3 * x[:1], [{"modality": "ct", "source": r"C:\\Users\\dr\\scan.png"}])
     assert lib.item(new[0])["source"] == "scan.png"
     assert lib.search(x[0], k=2)[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_errors_say_who_caused_them(small_lib):
+    """A developer's misuse is a ConfigError, never an InputError that the app would show as the user's fault."""
+    from m3bind.search import query_vector
+
+    lib, x, _, _ = small_lib
+    assert issubclass(ConfigError, M3BindError) and issubclass(InputError, M3BindError)
+    assert not issubclass(ConfigError, InputError) and not issubclass(InputError, ConfigError)
+    with pytest.raises(OptionError, match="at least one result"):
+        lib.search(x[0], k=0)
+    with pytest.raises(ConfigError, match="2 embeddings but 1 items"):
+        lib.add(x[:2], [{"modality": "ct"}])
+    with pytest.raises(ConfigError, match="exact_threshold"):
+        Library(32, "m", exact_threshold=10)
+    with pytest.raises(ConfigError, match="IVF"):
+        Library(32, "m", index_factory="HNSW32")
+    with pytest.raises(ConfigError, match="needs its model"):
+        query_vector(lib, None, x[0], exclude_modality="xray", query_modality="xray")
+    assert len(lib) == 300
 
 
 def test_modality_filter_with_rare_modality_exact_and_approximate():
