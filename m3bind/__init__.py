@@ -13,14 +13,14 @@ from .errors import (ConfigError, CorruptFileError, InputError, InputTooLargeErr
 from .modalities import Modality, get_modality, modality_names, register
 from .readers import Limits, load_input
 from .sample import Sample
-from .library import Hit, Library, LibraryMismatchError
 
-# The model side pulls in torch (about 0.5 GB): loaded on first use, so that a process that only reads
-# files or searches a library stays small.
+# The model side pulls in torch (about 0.5 GB) and the library faiss: loaded on first use, so that a process
+# that only reads files or searches a library stays small, and the CLI answers --help at once.
 _LAZY = {
     "EcgTowerConfig": ".config", "ImageTowerConfig": ".config", "ModelConfig": ".config",
     "TextTowerConfig": ".config", "default_config": ".config",
     "M3BindModel": ".model", "load_model": ".model",
+    "Hit": ".library", "Library": ".library", "LibraryMismatchError": ".library",
 }
 
 
