@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--label", help="the label of every item added now (with --labels-csv: of those the CSV "
                                        "does not list)")
     index.add_argument("--labels-csv", type=Path, metavar="FILE",
-                       help="CSV of file,label rows (a header row 'file,label' is allowed; a folder labels every "
-                            "file under it; relative paths are read from the CSV's folder); matched by content")
+                       help="labels of the items added now: a CSV of file,label rows (a header row 'file,label' "
+                            "is allowed; a folder labels every file under it; relative paths are read from the "
+                            "CSV's folder), matched to the inputs by content")
     index.add_argument("--no-skip-existing", dest="skip_existing", action="store_false",
                        help="embed files again even if the library already holds them")
     index.set_defaults(run=_index)
