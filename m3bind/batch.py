@@ -12,10 +12,16 @@ Why it is built this way:
 * **Batches are per modality.** Workers take small tasks (``_TASK`` inputs, so a few hundred files
   keep every worker busy); the collate splits a task by modality and the main process gathers the
   pieces into encoder batches of exactly ``batch_size`` inputs of one modality.
-* **Bad files never abort a run.** Each refused input is kept with its ``InputError`` message.
+* **Bad files never abort a run.** Each refused input is kept as a ``Refusal``: its ``InputError``
+  subclass and message.
+* **File names are patient data.** Unless the caller opts in (``keep_names``), no path or file name
+  is stored, returned or written: items carry no ``source``, refused and skipped inputs are named by
+  their content's SHA-256 (``sha256sum`` finds the file), and names quoted in messages are replaced.
 * **Resumable.** An input's identity is the SHA-256 of its file bytes (all files of a WFDB record,
   in name order), stored as the library item's ``sha256``; with ``skip_existing`` the workers hash
-  each input first and skip those already in the library, before decoding them.
+  each input first and skip those already in the library, before decoding them, and the same bytes
+  met twice in one run are embedded once. With ``save_to`` the library is saved while the run goes
+  on (``_Checkpoints``), so a killed run resumes from its last save.
 * **WFDB records are one input.** A ``.hea`` header is grouped with the files of the same stem beside
   it (``.dat``/``.mat`` signals, annotations); a signal file without its header is refused.
 * **Sharding.** Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) or an initialised
@@ -30,20 +36,22 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import InputError
+from .errors import InputError, MissingFileError
 from .readers import load_input
 
 PathLike = str | os.PathLike
@@ -58,24 +66,39 @@ _LANES = 8
 # Suffixes of files that stand alone even when a WFDB header of the same stem lies beside them.
 _STANDALONE = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm", ".dicom",
                ".csv", ".tsv", ".txt", ".npy")
+# A file name with the suffix of an input (messages quote them; see ``refusal``).
+_FILE_NAME = re.compile(r"[\w.~-]*\w\.(?:%s|hea|atr)(?![\w-])" % "|".join(s[1:] for s in _STANDALONE + _WFDB_SIGNALS),
+                        re.IGNORECASE)
+
+
+class Refusal(NamedTuple):
+    """An input that could not be embedded. ``source`` names it: its path where names are kept, else
+    ``sha256:`` and the first 16 hex digits of its content's SHA-256 (``input N`` if unreadable);
+    ``reason`` says why, for a person; ``error`` is the name of the ``InputError`` subclass."""
+
+    source: str
+    reason: str
+    error: str
 
 
 @dataclass
 class EmbedResult:
-    """``embeddings`` (N, D) float32, row i belongs to ``items[i]`` (``source``, ``modality``, ``sha256``).
+    """``embeddings`` (N, D) float32, row i belongs to ``items[i]`` (``modality``, ``sha256``, and
+    ``source``, its path, only where names are kept).
 
-    ``refused`` lists (source, reason) of inputs that could not be embedded; ``skipped`` the sources
-    already in the library. Under sharding only rank 0 (``primary``) holds the merged result.
+    ``refused`` lists the inputs that could not be embedded; ``skipped`` names (as ``Refusal.source``
+    does) those already in the library or met earlier in the run. Under sharding only rank 0
+    (``primary``) holds the merged result.
     """
 
     embeddings: np.ndarray
     items: list[dict[str, Any]]
-    refused: list[tuple[str, str]] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     primary: bool = True
 
 
-def collect_inputs(paths_or_folder: PathLike | Iterable[PathLike]) -> tuple[list[Record], list[tuple[str, str]]]:
+def collect_inputs(paths_or_folder: PathLike | Iterable[PathLike]) -> tuple[list[Record], list[Refusal]]:
     """The inputs under the given files and folders (recursively, hidden files left out), sorted.
 
     Returns (records, refused): a WFDB signal file whose header is missing is refused here.
@@ -95,20 +118,20 @@ def collect_inputs(paths_or_folder: PathLike | Iterable[PathLike]) -> tuple[list
     return group_records(files)
 
 
-def group_records(files: Sequence[Path]) -> tuple[list[Record], list[tuple[str, str]]]:
+def group_records(files: Sequence[Path]) -> tuple[list[Record], list[Refusal]]:
     """Groups each WFDB header with the files of its stem beside it; every other file is its own input."""
     unique = sorted(set(files))
     headers = {(f.parent, f.stem): f for f in unique if f.suffix.lower() == ".hea"}
     members: dict[Path, list[Path]] = {h: [] for h in headers.values()}
     records: list[Path] = []
-    refused: list[tuple[str, str]] = []
+    refused: list[Refusal] = []
     for f in unique:
         header = headers.get((f.parent, f.stem))
         if header is not None and f != header and f.suffix.lower() not in _STANDALONE:
             members[header].append(f)
         elif header is None and f.suffix.lower() in _WFDB_SIGNALS:
-            refused.append((str(f), f"{f.name} is the signal file of a WFDB record, but its header "
-                                    f"({f.stem}.hea) is not beside it."))
+            refused.append(Refusal(str(f), f"{f.name} is the signal file of a WFDB record, but its header "
+                                           f"({f.stem}.hea) is not beside it.", MissingFileError.__name__))
         else:
             records.append(f)
     return [(f, *members.get(f, ())) for f in records], refused
@@ -130,35 +153,62 @@ def input_sha256(record: Record) -> str:
 class _InputDataset(Dataset):
     """Reads, checks and preprocesses one input per item (in a worker process)."""
 
-    def __init__(self, model: Any, records: Sequence[Record], modality: str | None, known: frozenset[str],
-                 thumbnails: bool):
-        self.model, self.records, self.modality, self.known = model, records, modality, known
-        self.thumbnails = thumbnails
+    def __init__(self, model: Any, records: Sequence[Record], numbers: Sequence[int], modality: str | None,
+                 known: frozenset[str], thumbnails: bool, keep_names: bool):
+        self.model, self.records, self.numbers, self.modality = model, records, numbers, modality
+        self.known, self.thumbnails, self.keep_names = known, thumbnails, keep_names
         self.decode_size = decode_size(model, thumbnails)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[str, int, Any]:
-        record = self.records[i]
+        record, sha = self.records[i], None
         try:
             sha = input_sha256(record)
             if sha in self.known:
-                return "skipped", i, None
+                return "skipped", i, name_input(record, sha, self.keep_names, self.numbers[i])
             sample = load_input(list(record) if len(record) > 1 else record[0], self.modality,
                                 decode_size=self.decode_size)
             tensor = self.model.preprocess(sample)
         except InputError as exc:
-            return "refused", i, str(exc)
+            return "refused", i, refusal(record, sha, self.numbers[i], str(exc), type(exc).__name__,
+                                         self.keep_names)
         except Exception as exc:  # a reader bug must not end a long run; it is reported with the file
             # (only the error's type: a third-party message might quote a header value)
-            return "refused", i, f"Unexpected error while reading it ({type(exc).__name__}); please report it."
-        item = {"source": str(record[0]), "modality": sample.modality, "sha256": sha}
+            return "refused", i, refusal(record, sha, self.numbers[i], f"Unexpected error while reading it "
+                                         f"({type(exc).__name__}); please report it.", type(exc).__name__,
+                                         self.keep_names)
+        item = {"modality": sample.modality, "sha256": sha}
+        if self.keep_names:
+            item["source"] = str(record[0])
         if self.thumbnails:
             from .kinds import thumbnail_png
 
             item["thumbnail"] = thumbnail_png(sample)
         return "ok", i, (tensor, item)
+
+
+def name_input(record: Record, sha: str | None, keep_names: bool, number: int) -> str:
+    """How an input is named in reports: its path where names are kept, else by its content (or, when its
+    files cannot be read, by its place among the sorted inputs, counted from 1)."""
+    if keep_names:
+        return str(record[0])
+    return f"sha256:{sha[:16]}" if sha else f"input {number + 1}"
+
+
+def refusal(record: Record, sha: str | None, number: int, reason: str, error: str, keep_names: bool) -> Refusal:
+    """A refused input, named as ``name_input`` does. Without names, the file names a reason quotes become
+    "the file": the record's paths, names and stem (a missing header's name too), and any name with an
+    input's suffix (a WFDB header names its signal files after the original record)."""
+    if not keep_names:
+        for path in record:
+            reason = reason.replace(str(path), "the file")
+        stems = "|".join(sorted({re.escape(p.stem) for p in record if p.stem}, key=len, reverse=True))
+        if stems:
+            reason = re.sub(rf"(?<![\w.-])(?:{stems})(?:\.[\w-]+)*(?![\w-])", "the file", reason)
+        reason = _FILE_NAME.sub("the file", reason)
+    return Refusal(name_input(record, sha, keep_names, number), reason, error)
 
 
 def _collate(rows: list[tuple[str, int, Any]]) -> dict[str, Any]:
@@ -173,9 +223,9 @@ def _collate(rows: list[tuple[str, int, Any]]) -> dict[str, Any]:
             tensors.append(tensor)
             items.append(item)
         elif status == "refused":
-            refused.append((i, payload))
+            refused.append(payload)
         else:
-            skipped.append(i)
+            skipped.append(payload)
     return {"groups": {m: (idx, torch.stack(ts), items) for m, (idx, ts, items) in groups.items()},
             "refused": refused, "skipped": skipped}
 
@@ -191,38 +241,83 @@ def embed_files(
     skip_existing: bool = True,
     progress: bool = True,
     shard_dir: PathLike | None = None,
+    *,
+    keep_names: bool = False,
+    save_to: PathLike | None = None,
+    save_every: float = 60.0,
 ) -> EmbedResult:
     """Embeds every input under the given files/folders; adds them to ``library`` when one is given.
 
     ``num_workers`` None picks from the CPU count; ``device`` moves the model there (default: where it
     is). ``shard_dir`` is the folder all ranks share when sharded (default: a temporary folder of rank
     0, which suffices on one machine). On the CPU, torch's thread count is changed while it runs
-    (``encoder_lanes``), then restored.
+    (``encoder_lanes``), then restored. ``keep_names`` is the user's opt-in to paths and file names in
+    the result and the library. ``save_to`` saves ``library`` there during the run (see ``_Checkpoints``)
+    and at its end, where anything was added.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    if save_to is not None and library is None:
+        raise ValueError("save_to needs a library")
     if device is not None:
         model.to(device)
     if library is not None:
         library.check_model(model)
     rank, world, group = _distributed()
-    records, refused_paths = collect_inputs(paths_or_folder)
+    records, unpaired = collect_inputs(paths_or_folder)
+    if not keep_names:
+        unpaired = [refusal((Path(r.source),), _sha_or_none((Path(r.source),)), -1, r.reason, r.error, False)
+                    for r in unpaired]
     positions = list(range(rank, len(records), world))
     known = frozenset(library_hashes(library)) if library is not None and skip_existing else frozenset()
+    checkpoints = _Checkpoints(library, save_to, save_every if world == 1 else float("inf"))
     embeddings, items, refused, skipped = _run(
-        model, [records[p] for p in positions], modality, batch_size, num_workers, known,
-        thumbnails=library is not None, library=library if world == 1 else None, progress=progress and rank == 0)
-    refused = [(str(records[positions[i]][0]), reason) for i, reason in refused]
-    skipped = [str(records[positions[i]][0]) for i in skipped]
+        model, [records[p] for p in positions], positions, modality, batch_size, num_workers, known,
+        thumbnails=library is not None, library=library if world == 1 else None, progress=progress and rank == 0,
+        keep_names=keep_names, checkpoints=checkpoints)
     if world == 1:
-        return EmbedResult(embeddings, _strip(items), refused_paths + refused, skipped)
-    return _merge_shards(rank, world, group, shard_dir, library, positions, embeddings, items,
-                         refused_paths + refused if rank == 0 else refused, skipped, model.dim)
+        if items:
+            checkpoints.save()
+        return EmbedResult(embeddings, _strip(items), unpaired + refused, skipped)
+    result = _merge_shards(rank, world, group, shard_dir, library, positions, embeddings, items,
+                           unpaired + refused if rank == 0 else refused, skipped, model.dim)
+    if result.primary and result.items:
+        checkpoints.save()
+    return result
 
 
-def _run(model: Any, records: list[Record], modality: str | None, batch_size: int, num_workers: int | None,
-         known: frozenset[str], thumbnails: bool, library: Any, progress: bool
-         ) -> tuple[np.ndarray, list[tuple[int, dict]], list[tuple[int, str]], list[int]]:
+def _sha_or_none(record: Record) -> str | None:
+    try:
+        return input_sha256(record)
+    except InputError:
+        return None
+
+
+class _Checkpoints:
+    """Saves the library to ``path`` while a run adds to it, so that a killed run loses at most the
+    inputs embedded since the last save (its resume skips the saved ones by their hashes): at most every
+    ``every`` seconds, and at most a tenth of the run's time (a save rewrites the whole library)."""
+
+    def __init__(self, library: Any, path: PathLike | None, every: float):
+        self.library, self.path, self.every = library, path, every
+        self.due = time.monotonic() + every
+
+    def maybe(self) -> None:
+        if self.path is not None and time.monotonic() >= self.due:
+            self.save()
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        began = time.monotonic()
+        self.library.save(self.path)
+        self.due = time.monotonic() + max(self.every, 9 * (time.monotonic() - began))
+
+
+def _run(model: Any, records: list[Record], numbers: list[int], modality: str | None, batch_size: int,
+         num_workers: int | None, known: frozenset[str], thumbnails: bool, library: Any, progress: bool,
+         keep_names: bool, checkpoints: _Checkpoints) -> tuple[np.ndarray, list[tuple[int, dict]], list[Refusal],
+                                                                list[str]]:
     """Encodes the records; returns embeddings with their (record position, item), refused, skipped."""
     from tqdm.auto import tqdm
 
@@ -234,12 +329,14 @@ def _run(model: Any, records: list[Record], modality: str | None, batch_size: in
     # Workers decode up to two encoder batches ahead.
     ahead = {"multiprocessing_context": _fork(),
              "prefetch_factor": max(2, -(-2 * batch_size // (task * workers)))} if workers else {}
-    loader = DataLoader(_InputDataset(model, records, modality, known, thumbnails), batch_size=task,
-                        num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda", **ahead)
+    dataset = _InputDataset(model, records, numbers, modality, known, thumbnails, keep_names)
+    loader = DataLoader(dataset, batch_size=task, num_workers=workers, collate_fn=_collate,
+                        pin_memory=device.type == "cuda", **ahead)
     chunks: list[np.ndarray] = []
     items: list[tuple[int, dict]] = []
-    refused: list[tuple[int, str]] = []
-    skipped: list[int] = []
+    refused: list[Refusal] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
     pending = _Batcher(batch_size)
     lanes, lane_threads = encoder_lanes(device, workers)
     running: deque[tuple[Future, list[int], list[dict]]] = deque()
@@ -253,6 +350,7 @@ def _run(model: Any, records: list[Record], modality: str | None, batch_size: in
             vectors = future.result()
             if library is not None:
                 library.add(vectors, group_items)
+                checkpoints.maybe()
             chunks.append(vectors)
             items.extend(zip(indices, group_items))
 
@@ -263,7 +361,9 @@ def _run(model: Any, records: list[Record], modality: str | None, batch_size: in
     with tqdm(total=len(records), unit="file", disable=not progress, desc="Embedding") as bar, \
             torch.inference_mode(), _torch_threads(lane_threads), ThreadPoolExecutor(lanes) as pool:
         for done in loader:
-            for group_modality, (indices, tensor, group_items) in done["groups"].items():
+            for group_modality, group in done["groups"].items():
+                indices, tensor, group_items, repeats = _first_seen(seen, *group)
+                skipped += [name_input(records[i], item["sha256"], keep_names, numbers[i]) for i, item in repeats]
                 for full in pending.add(group_modality, indices, tensor.to(device, non_blocking=True), group_items):
                     encode(*full)
             refused += done["refused"]
@@ -276,6 +376,21 @@ def _run(model: Any, records: list[Record], modality: str | None, batch_size: in
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, model.dim), dtype=np.float32)
     order = sorted(range(len(items)), key=lambda j: items[j][0])  # modality groups back into input order
     return embeddings[order], [items[j] for j in order], refused, skipped
+
+
+def _first_seen(seen: set[str], indices: list[int], tensor: torch.Tensor, items: list[dict]
+                ) -> tuple[list[int], torch.Tensor, list[dict], list[tuple[int, dict]]]:
+    """Keeps the inputs whose content this run has not met yet (the same bytes under two names are one
+    input); returns them and the (position, item) of the repeats."""
+    keep = []
+    for j, item in enumerate(items):
+        if item["sha256"] not in seen:
+            seen.add(item["sha256"])
+            keep.append(j)
+    if len(keep) == len(items):
+        return indices, tensor, items, []
+    repeats = [(indices[j], items[j]) for j in range(len(items)) if j not in set(keep)]
+    return [indices[j] for j in keep], tensor[keep], [items[j] for j in keep], repeats
 
 
 class _Batcher:
@@ -402,7 +517,7 @@ def _distributed() -> tuple[int, int, Any]:
 
 def _merge_shards(rank: int, world: int, group: Any, shard_dir: PathLike | None, library: Any,
                   positions: list[int], embeddings: np.ndarray, items: list[tuple[int, dict]],
-                  refused: list[tuple[str, str]], skipped: list[str], dim: int) -> EmbedResult:
+                  refused: list[Refusal], skipped: list[str], dim: int) -> EmbedResult:
     """Every rank writes its shard; rank 0 merges them in input order (and into the library)."""
     import torch.distributed as dist
 
@@ -422,7 +537,7 @@ def _merge_shards(rank: int, world: int, group: Any, shard_dir: PathLike | None,
         shard = json.loads((folder / f"shard-{r}.json").read_text())
         vectors.append(np.load(folder / f"shard-{r}.npy"))
         rows += [(pos, _from_json(item)) for pos, item in shard["items"]]
-        all_refused += [tuple(x) for x in shard["refused"]]
+        all_refused += [Refusal(*x) for x in shard["refused"]]
         all_skipped += shard["skipped"]
     if owned:
         shutil.rmtree(folder, ignore_errors=True)

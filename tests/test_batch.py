@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def image_folder(shared_data, tmp_path_factory) -> Path:
 
 
 def test_folder_in_workers_matches_model_embed(model, image_folder):
-    result = embed_files(model, image_folder, batch_size=16, num_workers=2, progress=False)
+    result = embed_files(model, image_folder, batch_size=16, num_workers=2, progress=False, keep_names=True)
     assert result.refused == [] and result.skipped == []
     sources = [Path(item["source"]) for item in result.items]
     assert sources == sorted(sources) and len(sources) == 60
@@ -69,25 +70,37 @@ def test_bad_files_are_refused_with_their_reasons(model, shared_data, tmp_path):
     (tmp_path / "truncated.jpg").write_bytes(good[0].read_bytes()[:3000])
     link([shared_data / "ecg" / "ptbxl" / "records100" / "00000" / "00008_lr.dat"], tmp_path)  # no header
 
-    result = embed_files(model, tmp_path, batch_size=4, num_workers=2, progress=False)
+    result = embed_files(model, tmp_path, batch_size=4, num_workers=2, progress=False, keep_names=True)
     assert [Path(item["source"]) for item in result.items] == sorted(good)
-    reasons = {Path(source).name: reason for source, reason in result.refused}
+    reasons = {Path(source).name: (reason, error) for source, reason, error in result.refused}
     assert sorted(reasons) == ["00008_lr.dat", "empty.dcm", "noise.png", "notes.jpg", "truncated.jpg"]
     for name in ("noise.png", "empty.dcm", "notes.jpg", "truncated.jpg"):
         with pytest.raises(m3bind.InputError) as caught:
             m3bind.load_input(tmp_path / name)
-        assert reasons[name] == str(caught.value) and reasons[name]
-    assert "00008_lr.hea" in reasons["00008_lr.dat"]
+        assert reasons[name] == (str(caught.value), type(caught.value).__name__) and reasons[name][0]
+    assert "00008_lr.hea" in reasons["00008_lr.dat"][0] and reasons["00008_lr.dat"][1] == "MissingFileError"
+
+    # without the opt-in: no path or name anywhere, inputs named by their content
+    anonymous = embed_files(model, tmp_path, batch_size=4, num_workers=2, progress=False)
+    assert [r.error for r in anonymous.refused] == [r.error for r in result.refused]
+    assert {r.source for r in anonymous.refused} == {
+        "sha256:" + hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()[:16] for name in reasons}
+    assert all("source" not in item for item in anonymous.items) and len(anonymous.items) == len(good)
+    text = repr(anonymous)
+    for name in [*reasons, *(p.name for p in good)]:
+        assert Path(name).stem not in text, name
+    assert str(tmp_path) not in text
 
 
 def test_resumes_by_content_hash(model, image_folder, tmp_path):
     library = Library.for_model(model)
-    first = embed_files(model, image_folder / "cxr", library=library, num_workers=0, progress=False)
+    first = embed_files(model, image_folder / "cxr", library=library, num_workers=0, progress=False, keep_names=True)
     assert len(first.items) == len(library) == 30
     library.save(tmp_path / "lib")
 
     reopened = Library.load(tmp_path / "lib", model.fingerprint)
-    second = embed_files(model, image_folder, library=reopened, batch_size=16, num_workers=2, progress=False)
+    second = embed_files(model, image_folder, library=reopened, batch_size=16, num_workers=2, progress=False,
+                         keep_names=True)
     assert {Path(i["source"]).parent.name for i in second.items} == {"tiles"} and len(second.items) == 30
     assert sorted(second.skipped) == sorted(str(image_folder / "cxr" / n) for n in os.listdir(image_folder / "cxr"))
     assert len(reopened) == 60
@@ -95,7 +108,8 @@ def test_resumes_by_content_hash(model, image_folder, tmp_path):
     renamed = tmp_path / "again" / "renamed.jpg"  # same bytes under another name: already embedded
     renamed.parent.mkdir()
     os.symlink(image_folder / "tiles" / sorted(os.listdir(image_folder / "tiles"))[0], renamed)
-    third = embed_files(model, [image_folder, renamed], library=reopened, num_workers=2, progress=False)
+    third = embed_files(model, [image_folder, renamed], library=reopened, num_workers=2, progress=False,
+                        keep_names=True)
     assert third.items == [] and len(third.skipped) == 61 and len(reopened) == 60
     ids, _ = reopened.vectors()
     stored = reopened.item(int(ids[-1]))
@@ -114,8 +128,26 @@ def test_wfdb_records_are_grouped_into_one_input(model, shared_data, tmp_path):
     assert [sorted(p.suffix for p in r) for r in records[:2]] == [[".hea", ".mat"], [".atr", ".dat", ".hea"]]
     assert collect_inputs([tmp_path / "ptbxl" / "00008_lr.dat"])[0] == [records[3]]  # a signal file finds its header
 
-    result = embed_files(model, tmp_path, batch_size=2, num_workers=2, progress=False)
+    result = embed_files(model, tmp_path, batch_size=2, num_workers=2, progress=False, keep_names=True)
     assert result.refused == [] and [i["source"] for i in result.items] == [str(r[0]) for r in records]
     assert {i["modality"] for i in result.items} == {"ecg"}
     expected = model.embed([m3bind.load_input(list(r)) for r in records])
     np.testing.assert_allclose(result.embeddings, expected, atol=1e-5)
+
+
+def test_names_stay_out_of_the_library_and_copies_are_embedded_once(model, image_folder, tmp_path):
+    """Without the opt-in the library holds no file name; the same bytes under two names in one run are
+    one input, and the checkpointed library on disk matches the one in memory."""
+    folder = tmp_path / "Doe_John"
+    files = link(sorted((image_folder / "cxr").iterdir())[:5], folder)
+    os.symlink(files[0].resolve(), folder / "Doe_John_copy.jpg")
+    library = Library.for_model(model)
+    result = embed_files(model, folder, library=library, num_workers=0, progress=False,
+                         save_to=tmp_path / "lib", save_every=0.0)
+    assert len(result.items) == len(library) == 5
+    assert result.skipped == ["sha256:" + hashlib.sha256(files[0].read_bytes()).hexdigest()[:16]]
+    saved = Library.load(tmp_path / "lib", model.fingerprint)
+    ids, _ = saved.vectors()
+    assert len(saved) == 5 and all(saved.item(int(i))["source"] is None for i in ids)
+    raw = (tmp_path / "lib" / "items.sqlite").read_bytes() + json.dumps(result.items).encode()
+    assert b"Doe" not in raw and not any(f.stem.encode() in raw for f in files)

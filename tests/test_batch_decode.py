@@ -90,7 +90,8 @@ def test_lanes_encode_beside_decoding_and_give_the_threads_back(shared_data, tin
     tiles = sorted((shared_data / "pathology" / "lc25000_lung" / "lung_n").iterdir())[:13]
     for tile in tiles:
         os.symlink(tile, tmp_path / tile.name)
-    result = embed_files(tiny_model, tmp_path, modality="retina", batch_size=3, num_workers=workers, progress=False)
+    result = embed_files(tiny_model, tmp_path, modality="retina", batch_size=3, num_workers=workers, progress=False,
+                         keep_names=True)
     assert torch.get_num_threads() == threads  # given back after the run
     assert [os.path.basename(i["source"]) for i in result.items] == [t.name for t in tiles] and result.refused == []
     expected = tiny_model.embed([m3bind.load_input(t, "retina", decode_size=decode_size(tiny_model, False))
