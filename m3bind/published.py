@@ -67,8 +67,8 @@ class HFClipImageTower(ImageTower):
         # the checkpoint brings its own size and statistics; the caller's config stays as given
         self.cfg = replace(cfg, image_size=int(config.vision_config.image_size), mean=mean, std=std)
         self.proj = nn.Linear(config.projection_dim, dim, bias=False)
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(self.cfg.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.cfg.std).view(1, 3, 1, 1), persistent=False)
 
     def base_keys(self) -> set[str]:
         return set(self.base_state_dict(reload=False))
