@@ -56,11 +56,15 @@ def _image_root(model: M3BindModel, modality: str) -> nn.Module:
 
 
 def enable_checkpointing(module: nn.Module) -> None:
-    """Gradient checkpointing through whichever switch the tower's library offers."""
+    """Gradient checkpointing through whichever switch the tower's library offers (a teacher's text root is an
+    open_clip model without its image half, whose own switch fails: its parts are switched instead)."""
     for switch in ("set_grad_checkpointing", "gradient_checkpointing_enable"):
         if hasattr(module, switch):
-            getattr(module, switch)()
-            return
+            try:
+                getattr(module, switch)()
+                return
+            except AttributeError:
+                break
     for child in module.children():
         enable_checkpointing(child)
 
@@ -105,7 +109,7 @@ class TeacherBatch:
     pixels: torch.Tensor
     tokens: dict[str, torch.Tensor]
     matches: torch.Tensor  # (B, B) 0/1
-    shared: dict[str, torch.Tensor]  # the shared texts, in this teacher's tokens
+    shared: dict[str, torch.Tensor] | None  # the shared texts, in this teacher's tokens (None: no alignment)
 
 
 class AlignStep:
@@ -130,8 +134,10 @@ class AlignStep:
             image = F.normalize(model.tower_for(m)(b.pixels).float(), dim=-1)
             text = F.normalize(model.text(b.tokens).float(), dim=-1)
             own.append(soft_contrastive(image, text, b.matches, self.scales[m]))
-            shared.append(F.normalize(model.text(b.shared).float(), dim=-1))
-        return torch.stack(own).sum(), pairwise_alignment(shared)
+            if b.shared is not None:
+                shared.append(F.normalize(model.text(b.shared).float(), dim=-1))
+        own = torch.stack(own).sum()
+        return own, pairwise_alignment(shared) if shared else torch.zeros_like(own)
 
     def __call__(self, batches: dict[str, TeacherBatch]) -> tuple[torch.Tensor, torch.Tensor]:
         """Train one step; the (own, alignment) losses come back as device tensors (reading them waits)."""

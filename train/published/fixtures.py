@@ -68,19 +68,23 @@ def offline_hub(cache: Path) -> Iterator[Path]:
             os.environ["HF_HUB_OFFLINE"] = saved[2]
 
 
-def bert_folder(path: Path, hidden: int = 32, layers: int = 2, heads: int = 2) -> Path:
-    """A random BERT with a WordPiece vocabulary written here (special tokens, letters, digits, medical words)."""
+def bert_folder(path: Path, hidden: int = 32, layers: int = 2, heads: int = 2, intermediate: int | None = None,
+                vocab_size: int = 0) -> Path:
+    """A random BERT with a WordPiece vocabulary written here (special tokens, letters, digits, medical words),
+    padded with ``[unusedN]`` entries up to ``vocab_size`` (BERT-base: 30522) when that is larger."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)] + list(".,:;-()/%")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters), *_WORDS]
-    (path / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters),
+                                *_WORDS]))
+    vocab += [f"[unused{i}]" for i in range(vocab_size - len(vocab))]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(dict.fromkeys(vocab)), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=512)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=intermediate or 2 * hidden, max_position_embeddings=512)
     BertModel(config).save_pretrained(path)
     return path
 
