@@ -211,7 +211,7 @@ def test_embed_writes_vectors_and_items(runs):
     assert vectors.shape == (12, 32) and len(items) == 12
     assert all("source" not in i and len(i["sha256"]) == 64 for i in items)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    assert "Embedded 12 inputs" in run.stdout and f"sha256:" in run.stdout and "scan.png" not in run.stdout
+    assert "Embedded 12 inputs" in run.stdout and "sha256:" in run.stdout and "scan.png" not in run.stdout
     named = [json.loads(line) for line in (runs["out"] / "emb_named.jsonl").read_text().splitlines()]
     assert {Path(i["source"]).suffix for i in named} == {".jpg", ".hea"}  # with --keep-names, the paths
     assert NOT_AN_IMAGE_NAMED in ok(runs["embed_named"]).stdout
