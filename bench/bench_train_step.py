@@ -122,21 +122,22 @@ def main() -> None:
     for _ in range(steps):
         loss = step(batches)
     float(loss[0])  # the only read of a device value: waits for the last step
-    seconds = time.perf_counter() - start
-    pairs = batch * steps / seconds
-    name = torch.cuda.get_device_name(device) if cuda else "CPU"
-    if cuda:
-        memory = f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-        peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
-        share = f"{flops * steps / seconds / peak:.0%} of bf16 peak" if peak else "bf16 peak unknown for this card"
-        share += f", {syncs} host-device syncs per step"
-    else:
-        memory = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
-        share = f"{flops * steps / seconds / 1e9:.1f} GFLOP/s (no bf16 peak on a CPU)"
+    seconds = (time.perf_counter() - start) / steps
     shape = "tiny" if args.tiny else "ViT-B/16 + BERT-base"
-    print(f"stage-1 step, {shape}, batch {batch}, context {context}, shared {args.shared}, "
-          f"compile={args.compile}, checkpointing={args.checkpointing} on {name}: {pairs:,.1f} pairs/s, "
-          f"{memory}, {share}")
+    print(f"stage-1 step, {shape}, batch {batch}, context {context}, shared {args.shared}, compile={args.compile}, "
+          f"checkpointing={args.checkpointing} on {report(device, batch / seconds, flops / seconds, syncs)}")
+
+
+def report(device: torch.device, pairs: float, flop_rate: float, syncs: int | None) -> str:
+    """The device, pairs/s, peak memory and (on a GPU) the share of the card's dense bf16 peak."""
+    if device.type != "cuda":
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return f"CPU: {pairs:,.1f} pairs/s, peak RSS {rss:.2f} GiB, {flop_rate / 1e9:.1f} GFLOP/s (no bf16 peak)"
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
+    share = f"{flop_rate / peak:.0%} of bf16 peak" if peak else "bf16 peak unknown for this card"
+    memory = torch.cuda.max_memory_allocated(device) / 2**30
+    return f"{name}: {pairs:,.1f} pairs/s, peak GPU memory {memory:.1f} GiB, {share}, {syncs} host-device syncs/step"
 
 
 if __name__ == "__main__":

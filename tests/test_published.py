@@ -124,7 +124,8 @@ def test_pipeline_binds_three_published_teachers_and_exports_a_loadable_model(ti
     saved = json.loads((tmp_path / "x" / "config.json").read_text())
     assert saved["towers"]["pathology"]["type"] == "hf-clip" and saved["dim"] == 64
     loaded = m3bind.load_model(tmp_path / "x", device="cpu")
-    samples = [load_dataset(d, "test", seed=0).pairs[0].load() for d in ("pneumoniamnist", "retinamnist", "lc25000_lung")]
+    samples = [load_dataset(d, "test", seed=0).pairs[0].load()
+               for d in ("pneumoniamnist", "retinamnist", "lc25000_lung")]
     assert [s.modality for s in samples] == ["xray", "retina", "pathology"]
     vectors = loaded.embed(samples)
     assert vectors.shape == (3, 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)

@@ -15,7 +15,6 @@ are prepared on the host and copied without blocking; losses are returned as dev
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from m3bind import M3BindModel
 
 from ..losses import match_matrix, pairwise_alignment
-from ..stages import ModalityData, augment, fit_centres
+from ..stages import ModalityData, _schedule, augment, fit_centres
 from .lora import add_qv_lora, merge_qv_lora
 
 
@@ -120,9 +119,7 @@ class AlignStep:
         groups = [g for m, t in teachers.items() for g in prepare_teacher(t, m, cfg)]
         cuda = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=cuda)
-        warmup = max(1, cfg.steps // 20)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-            1 + math.cos(math.pi * min(s, cfg.steps) / max(1, cfg.steps))))
+        self.scheduler = _schedule(self.optimizer, max(1, cfg.steps))  # warm-up, then cosine: as every stage
         self.scales = {m: t.config.logit_scale for m, t in teachers.items()}
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and cuda)
         self.loss = torch.compile(self._loss) if cfg.compile else self._loss

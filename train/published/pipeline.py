@@ -73,7 +73,8 @@ def run(cfg: PublishedConfig, device: str | torch.device | None = None) -> M3Bin
     timings: dict[str, float] = {}
     t0 = time.time()
     dim = cfg.dim or max(embed_widths(cfg.teachers).values())
-    teachers = {m: load_teacher(m, plan, dim, cfg.seed + i).to(device) for i, (m, plan) in enumerate(cfg.teachers.items())}
+    teachers = {m: load_teacher(m, plan, dim, cfg.seed + i).to(device)
+                for i, (m, plan) in enumerate(cfg.teachers.items())}
     data = {m: load_modality_data(teachers[m], m, plan.datasets, "train", cfg.data_root, plan.max_items, cfg.seed)
             for m, plan in cfg.teachers.items()}
     shared = shared_text_corpus(cfg.data_root, max_per_source=max(1, cfg.shared_texts // 5), seed=cfg.seed)

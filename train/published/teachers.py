@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -36,7 +36,6 @@ class TeacherPlan:
     datasets: list[str]
     max_items: int | None = None
     context_length: int | None = None  # hf_clip: token limit (open_clip configs carry their own)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.type not in TEACHER_TYPES:
