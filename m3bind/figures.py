@@ -85,14 +85,19 @@ def probability_figure(probabilities: dict[str, float], title: str = "") -> go.F
     values = [100.0 * p for _, p in ranked]
     colors = ["#1f6feb" if i == len(ranked) - 1 else "#8bb6f0" for i in range(len(ranked))]
     bars = dict(type="bar", x=values, y=labels, orientation="h", marker=dict(color=colors),
-                text=[f"{v:.1f} %" for v in values], textposition="outside", cliponaxis=False,
-                hovertemplate="%{y}: %{x:.1f} %<extra></extra>")
+                text=[percent(p) for _, p in ranked], textposition="outside", cliponaxis=False,
+                hovertemplate="%{y}: %{text}<extra></extra>")
     layout = dict(template=_NO_THEME, title=dict(text=title, x=0.01), height=110 + 36 * len(labels),
                   margin=dict(l=10, r=60, t=50 if title else 10, b=30), plot_bgcolor="white",
                   xaxis=dict(range=[0, 112], title=dict(text="probability (%)"), gridcolor="#eeeeee",
                              tickvals=[0, 25, 50, 75, 100]),
                   yaxis=dict(automargin=True))
     return go.Figure(dict(data=[bars], layout=layout), _validate=False)
+
+
+def percent(p: float) -> str:
+    """A probability in whole percent, never "100 %" or "0 %": a model's softmax is never certain."""
+    return "<1 %" if p < 0.005 else ">99 %" if p >= 0.995 else f"{100 * p:.0f} %"
 
 
 def map_figure(library_map: LibraryMap, color_by: str = "modality", query: np.ndarray | None = None,

@@ -27,13 +27,18 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
+from . import figures
 from .batch import decode_size, group_records, input_sha256, library_hashes
 from .errors import CorruptFileError, InputError
 from .examples import EXAMPLES, example_files, get_example
+from .explain import Explanation, explain
 from .explore import LibraryMap, MapCache
-from .fewshot import LogisticProbe, PrototypeClassifier
+from .fewshot import FewShotResult, LogisticProbe, PrototypeClassifier
+from .kinds import input_kind
 from .library import Hit, Library
+from .modalities import get_modality
 from .readers import load_input
 from .readers.image import PREVIEW_SIDE
 from .sample import Sample
@@ -44,6 +49,7 @@ Progress = Callable[[float, str], None]
 # decodes to ~190 MB, so the cache is bounded by bytes, not by count.
 _CACHE_BYTES = 192 * 2**20
 _ADD_BATCH = 32  # inputs decoded at a time when adding many files to the library
+PREVIEW_MIN_SIDE = 384  # smaller images are enlarged for the page
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,51 @@ class ReadOptions:
 
 def default_home() -> Path:
     return Path(os.environ.get("M3BIND_HOME") or Path.home() / ".cache" / "m3bind").expanduser()
+
+
+# --------------------------------------------- what a page shows of each input kind (its facts: m3bind.kinds)
+def _image_preview(sample: Sample) -> Image.Image:
+    """The preview, small ones enlarged by an integer factor (nearest neighbour: every pixel stays a visible
+    square, nothing is interpolated)."""
+    factor = max(1, PREVIEW_MIN_SIDE // max(sample.preview.shape[:2]))
+    pixels = np.repeat(np.repeat(sample.preview, factor, axis=0), factor, axis=1) if factor > 1 else sample.preview
+    preview = Image.fromarray(pixels)
+    # Gradio writes it as PNG with the default zlib level: 110 ms for a 512-px photo. Level 1, set on the
+    # image as Pillow allows, takes a fifth of that for a file 15% larger.
+    preview.encoderinfo = {"compress_level": 1}
+    return preview
+
+
+def _ecg_preview(sample: Sample) -> Any:
+    return figures.ecg_figure(sample, get_modality(sample.modality).title)
+
+
+def _image_explained(sample: Sample, explanation: Explanation) -> Image.Image:
+    return _image_preview(Sample(sample.modality, sample.data, np.asarray(explanation.heatmap), sample.meta))
+
+
+def _ecg_explained(sample: Sample, explanation: Explanation) -> Any:
+    """The ECG plot with each second shaded by how much flattening it lowers the top finding's score."""
+    figure = _ecg_preview(sample)
+    strongest = max(float(explanation.importance.max()), 1e-9)
+    for (start, stop), value in zip(explanation.regions, explanation.importance):
+        if value > 0:
+            figure.add_vrect(x0=start, x1=stop, fillcolor="#e61e1e", opacity=0.35 * value / strongest,
+                             line_width=0, layer="below")
+    figure.update_layout(title=dict(text=f"Seconds that drive \"{explanation.label}\" (darker: more)"))
+    return figure
+
+
+@dataclass(frozen=True)
+class KindView:
+    """What a page shows of one input kind: its preview (a PIL image or a plotly figure), and an explanation
+    drawn over that preview."""
+
+    preview: Callable[[Sample], Any]
+    explained: Callable[[Sample, Explanation], Any]
+
+
+KIND_VIEWS = {"image": KindView(_image_preview, _image_explained), "ecg": KindView(_ecg_preview, _ecg_explained)}
 
 
 class Workspace:
@@ -173,11 +224,14 @@ class Workspace:
                   progress: Progress | None = None) -> dict[str, Any]:
         """Reads, embeds and adds uploaded files (a WFDB record's files count as one input), then saves.
 
-        Returns {"added", "skipped" (already in the library), "refused": [(name, reason)], "stats"}.
+        Returns {"added", "skipped" (already in the library), "refused": [(name, reason)], "routed", "stats"};
+        ``routed`` says, for each added input, its place in the upload (``input``, from 1), its modality and how
+        that was settled (``source``: "user" given, "dicom" from the header, "detector" recognised, "guess"
+        guessed) with the detector's confidence, so a wrongly routed batch shows.
         """
         label = (label or "").strip() or None
         records, refused = _records(files)
-        added, skipped = 0, 0
+        added, skipped, routed = 0, 0, []
         with self._write_lock:
             self._check_writable("added")
             known = library_hashes(self.library)
@@ -198,14 +252,24 @@ class Workspace:
                 known.add(sha)
                 items.append({"source": record[0].name if self.keep_names else None, "sha256": sha,
                               "label": label})
+                routed.append({"input": i + 1})
                 if len(samples) == _ADD_BATCH or i == len(records) - 1:
-                    added += len(self.library.add_samples(self.model, samples, items))
+                    added += self._add_batch(samples, items, routed)
                     samples, items = [], []  # decoded inputs are not kept: memory stays one batch
             if samples:
-                added += len(self.library.add_samples(self.model, samples, items))
+                added += self._add_batch(samples, items, routed)
             if added:
                 self._save("added")
-        return {"added": added, "skipped": skipped, "refused": refused, "stats": self.library.stats()}
+        return {"added": added, "skipped": skipped, "refused": refused, "routed": routed,
+                "stats": self.library.stats()}
+
+    def _add_batch(self, samples: list[Sample], items: list[dict[str, Any]], routed: list[dict[str, Any]]) -> int:
+        """Adds one batch; the samples' modalities, as the model routed them, complete the batch's ``routed``."""
+        count = len(self.library.add_samples(self.model, samples, items))
+        for entry, s in zip(routed[-len(samples):], samples):
+            entry.update(modality=s.modality, source=s.meta.get("modality_source"),
+                         confidence=s.meta.get("modality_confidence"), unsure=bool(s.meta.get("modality_unsure")))
+        return count
 
     def remove_item(self, item_id: int) -> dict[str, Any]:
         """Takes one item out of the library (a file added by mistake, say) and saves."""
@@ -228,6 +292,20 @@ class Workspace:
             if label:
                 by_label.setdefault(label, []).append(int(item_id))
         return by_label
+
+    @property
+    def trained(self) -> bool:
+        """Whether the model went through ``train/``: training fits every tower's centre (its mean embedding,
+        ``train.stages.fit_centres``); a model whose centres are all zero was never trained."""
+        return any(bool(centre.abs().sum() > 0) for centre in self.model.centres.buffers())
+
+    def describe(self, sample: Sample) -> list[str]:
+        """The facts a page shows about an input (its size, window, span, leads), per reader kind."""
+        return [str(sample.meta.get("format", "")).upper(), *input_kind(sample.kind).facts(sample)]
+
+    def preview(self, sample: Sample) -> Any:
+        """What a page shows of an input: a PIL image, or for an ECG a plotly figure."""
+        return KIND_VIEWS[sample.kind].preview(sample)
 
     # ------------------------------------------------------------------------------------ uploads
     def read(self, files: str | os.PathLike | Sequence[str | os.PathLike] | None,
@@ -277,6 +355,23 @@ class Workspace:
             parts.append((str(p), st.st_size, st.st_mtime_ns))
         return tuple(parts), options
 
+    def classify(self, files: Any, labels: Sequence[str], options: ReadOptions = ReadOptions()
+                 ) -> tuple[Sample, dict[str, float]]:
+        """Zero-shot probabilities of an upload over candidate findings, from its cached embedding."""
+        sample = self.read(files, options)
+        return sample, self.model.classify(sample, labels, embedding=self.embed(files, options))
+
+    def explain(self, files: Any, labels: Sequence[str], options: ReadOptions = ReadOptions()
+                ) -> tuple[Explanation, Any]:
+        """Why the top finding won: its words' and the input's regions' shares (``m3bind.explain``), and
+        the view of it a page shows (a heatmap over the image, or the ECG plot shaded per second)."""
+        sample = self.read(files, options)
+        explanation = explain(self.model, sample, labels, embedding=self.embed(files, options))
+        return explanation, KIND_VIEWS[sample.kind].explained(sample, explanation)
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        return self.model.embed_text(list(texts))
+
     def example_path(self, key: str) -> Path:
         get_example(key)
         return self.examples[key]
@@ -307,8 +402,9 @@ class Workspace:
     # ----------------------------------------------------------------------------------- few-shot
     def fewshot(self, query: Any, classes: dict[str, Sequence[Any]], method: str = "prototype",
                 options: ReadOptions = ReadOptions(), use_library: bool = False,
-                progress: Progress | None = None) -> dict[str, float]:
-        """Probabilities of the query over classes learnt from a few examples each.
+                progress: Progress | None = None) -> FewShotResult:
+        """Calibrated probabilities of the query over classes learnt from a few examples each, with each
+        class's support size.
 
         ``classes`` maps a class name to its uploaded example files (a WFDB record's files form one example);
         with ``use_library`` the library items carrying that label are added to its examples.
@@ -345,7 +441,8 @@ class Workspace:
             raise InputError(f"Unknown few-shot method {method!r}; use \"prototype\" or \"probe\".")
         clf.fit(np.stack(vectors), labels)
         probs = clf.predict_proba(self.embed(query, options)[None])[0]
-        return {c: float(p) for c, p in zip(clf.classes_, probs)}
+        return FewShotResult({c: float(p) for c, p in zip(clf.classes_, probs)},
+                             {c: labels.count(c) for c in clf.classes_})
 
 
 def _writable(folder: Path) -> bool:
@@ -377,8 +474,8 @@ def _as_list(files: Any) -> list:
 
 
 def _records(files: Any) -> tuple[list[tuple[Path, ...]], list[tuple[str, str]]]:
-    """Uploaded files grouped into inputs, a WFDB record's files together, by their original paths;
-    plus (file name, reason) of the files refused while grouping.
+    """Uploaded files grouped into inputs, a WFDB record's files together, by their original paths, in upload
+    order; plus (file name, reason) of the files refused while grouping.
 
     Uploads arrive each in its own temporary folder, so they are grouped as if they sat side by side in
     one folder (same-named files apart). Grouping reads names only: nothing is copied or linked.
@@ -390,5 +487,7 @@ def _records(files: Any) -> tuple[list[tuple[Path, ...]], list[tuple[str, str]]]
         name = Path("uploads", original.name)
         side_by_side[Path("uploads", f"dup{i}", original.name) if name in side_by_side else name] = original
     records, refused = group_records(list(side_by_side))
+    uploaded = {p: i for i, p in enumerate(side_by_side)}
+    records = sorted(records, key=lambda record: min(uploaded[p] for p in record))
     return ([tuple(side_by_side[p] for p in record) for record in records],
-            [(Path(n).name, why) for n, why in refused])
+            [(Path(refusal[0]).name, refusal[1]) for refusal in refused])

@@ -135,12 +135,12 @@ def test_uploads_live_in_a_private_folder_and_go_with_sigterm(app_process, dead_
 
 
 def test_old_uploads_are_swept(tmp_path, monkeypatch):
-    import app
+    from ui import private as private_module
 
     monkeypatch.setenv("M3BIND_RUNTIME_DIR", str(tmp_path / "runtime"))
     monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)  # restored afterwards
-    monkeypatch.setattr(app, "_private", None)
-    private = app.private_dirs()
+    monkeypatch.setattr(private_module, "_private", None)
+    private = private_module.private_dirs()
     try:
         assert os.environ["GRADIO_TEMP_DIR"] == str(private.uploads)
         (private.uploads / "old").mkdir()
@@ -155,5 +155,8 @@ def test_old_uploads_are_swept(tmp_path, monkeypatch):
         assert private.sweep(1.0) == 1 and not old.exists() and not old.parent.exists() and new.exists()
         assert (private.uploads / "example.dcm").exists()
         assert private.owns(new) and not private.owns("/tmp/gradio/x/a.dcm") and not private.owns(CT)
+        private.forget(new)
+        private.forget(CT)  # a file outside the upload folder is never deleted
+        assert not new.exists() and Path(CT).exists()
     finally:
         private.remove()

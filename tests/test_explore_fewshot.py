@@ -46,6 +46,34 @@ def test_prototype_temperature_and_single_examples():
     assert sharp[0, 0] > soft[0, 0] > 0.5
 
 
+@pytest.mark.parametrize("make", [lambda: PrototypeClassifier(temperature=0.002), LogisticProbe],
+                         ids=["prototype", "probe"])
+def test_fewshot_probabilities_are_calibrated_on_the_support_set(make):
+    """Overlapping classes: the temperature calibrated on held-out support examples predicts fresh draws better
+    than the uncalibrated classifier, and no probability reaches certainty."""
+    from sklearn.metrics import log_loss
+
+    x, y = clusters(40, spread=2.5, seed=1)
+    support = np.arange(len(x)) % 40 < 6  # six examples of each class; the other 34 of each are fresh draws
+    train_x, train_y = x[support], [label for label, s in zip(y, support) if s]
+    test_x, test_y = x[~support], [label for label, s in zip(y, support) if not s]
+    calibrated = make().fit(train_x, train_y)
+    raw = make().fit(train_x, train_y)
+    raw.temperature_ = raw.temperature if isinstance(raw, PrototypeClassifier) else 1.0
+    raw.n_examples_ = 10**9  # no move towards chance
+    assert calibrated.temperature_ != raw.temperature_
+    assert log_loss(test_y, calibrated.predict_proba(test_x), labels=calibrated.classes_) < \
+        log_loss(test_y, raw.predict_proba(test_x), labels=raw.classes_)
+    share = 1 / (len(train_x) + 2)
+    assert calibrated.predict_proba(train_x).max() <= 1 - share + share / 3 + 1e-6
+
+
+def test_one_example_per_class_is_never_a_certainty():
+    x, y = clusters(1, names=("a", "b"))
+    probs = PrototypeClassifier(temperature=0.001).fit(x, y).predict_proba(x)
+    assert probs.max() <= 0.875 + 1e-6 and probs.argmax(axis=1).tolist() == [0, 1]
+
+
 @pytest.mark.parametrize("labels, error", [(["a", "a"], m3bind.InputError), (["a", " "], m3bind.InputError),
                                            (["a"], ValueError)])
 def test_fewshot_refuses_unusable_training_sets(labels, error):

@@ -80,3 +80,53 @@ def test_searches_go_through_the_one_search_service(tiny_model, shared_data, tmp
     assert calls[-1]["exclude_modality"] == "xray" and calls[-1]["query_modality"] == "xray"
     with pytest.raises(m3bind.InputError, match="Type a finding"):
         ws.search_text("  ")
+
+
+def test_classify_and_find_similar_reuse_the_uploads_embedding(tiny_model, tmp_path, monkeypatch):
+    """A Classify click runs ClassifyTab.classify -> Workspace.classify -> M3BindModel.classify with the cached
+    embedding: after the upload was read, neither Classify nor "find similar" runs the image tower again."""
+    from pydicom.data import get_testdata_file
+
+    from ui.classify import ClassifyTab
+    from ui.search import SearchTab
+
+    ws = Workspace(tiny_model, tmp_path / "home")
+    tab, ct = ClassifyTab(ws), [get_testdata_file("CT_small.dcm")]
+    status, _, probs = tab.classify(ct, "auto", "normal lungs\nnodule", None, None, None)
+    assert status.startswith("**CT** (from the DICOM header) · DICOM · 128 x 128 px")
+    embedded = []
+    real = tiny_model.embed
+    monkeypatch.setattr(tiny_model, "embed", lambda *a, **k: embedded.append(a) or real(*a, **k))
+    again = tab.classify(ct, "auto", "normal lungs\nnodule", None, None, None)[2]
+    SearchTab(ws, lambda path: None).search_similar(ct, "auto", None, None, None, 3, True)
+    assert embedded == [] and again == probs
+    assert probs == pytest.approx(tiny_model.classify(m3bind.load_input(ct[0]), ["normal lungs", "nodule"]))
+
+
+def test_every_reader_kind_has_a_view_and_an_explanation(tiny_model, tmp_path):
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    from m3bind.workspace import KIND_VIEWS
+
+    assert set(KIND_VIEWS) == {m3bind.get_modality(m).kind for m in m3bind.modality_names()}
+    ws = Workspace(tiny_model, tmp_path / "home")
+    ct, ecg = get_testdata_file("CT_small.dcm"), get_testdata_file("waveform_ecg.dcm")
+    preview = ws.preview(ws.read(ct))
+    assert isinstance(preview, Image.Image) and preview.size == (384, 384)  # 128 px enlarged x3
+    assert "all 12 leads" in ws.describe(ws.read(ecg)) and "window" not in " ".join(ws.describe(ws.read(ecg)))
+    explanation, shown = ws.explain(ct, ["normal lungs", "nodule"])
+    assert isinstance(shown, Image.Image) and shown.size == preview.size
+    explanation, shown = ws.explain(ecg, ["normal ECG", "atrial fibrillation"])
+    shaded = [s for s in shown.layout.shapes if s.type == "rect"]
+    assert len(shaded) == int((explanation.importance > 0).sum()) and explanation.label in shown.layout.title.text
+
+
+def test_untrained_is_told_by_the_weights_not_the_name(tiny_model, tmp_path):
+    import copy
+
+    ws = Workspace(tiny_model, tmp_path / "home")
+    assert not ws.trained  # never went through train/: no tower centre fitted
+    fitted = copy.deepcopy(tiny_model)
+    fitted.set_centre("xray", fitted.embed([ws.read(str(ws.example_path("ct")))]))
+    assert Workspace(fitted, tmp_path / "home2").trained and fitted.config.name == tiny_model.config.name
