@@ -125,110 +125,148 @@ def _load_stage(directory: Path, names: list[str]) -> dict[str, M3BindModel]:
     return {name: load_model(directory / name, device=distributed.device()) for name in names}
 
 
-def run(cfg: PipelineConfig) -> M3BindModel:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    timings: dict[str, float] = {}
-    names = list(cfg.modalities)
-    device = distributed.device()
+class TrainingData:
+    """Every modality's training items, decoded once on first use: a resumed run whose remaining stages are all
+    done never decodes them. Decoding uses each teacher's tower only to prepare inputs (its config, not its
+    weights), so the fresh teachers serve for every stage."""
 
-    teachers = {m: new_teacher(m, plan.tower, cfg.dim, cfg.text, cfg.seed + i).to(device)
-                for i, (m, plan) in enumerate(cfg.modalities.items())}
-    base_features = TextFeatures(next(iter(teachers.values())))  # every teacher starts from the same text base
-    data: dict[str, ModalityData] = {}
+    def __init__(self, cfg: PipelineConfig, teachers: dict[str, M3BindModel]):
+        self.cfg, self.teachers = cfg, teachers
+        self._data: dict[str, ModalityData] | None = None
 
-    def training_data() -> dict[str, ModalityData]:
-        """Decoded once, and only if a stage still has to train (a resumed finished run skips it)."""
-        if not data:
-            for m, plan in cfg.modalities.items():
-                data[m] = load_modality_data(teachers[m], m, plan.datasets, "train", cfg.data_root, plan.max_items,
-                                             cfg.seed, plan.pair_modalities)
-        return data
+    def __call__(self) -> dict[str, ModalityData]:
+        if self._data is None:
+            cfg = self.cfg
+            self._data = {m: load_modality_data(self.teachers[m], m, plan.datasets, "train", cfg.data_root,
+                                                plan.max_items, cfg.seed, plan.pair_modalities)
+                          for m, plan in cfg.modalities.items()}
+        return self._data
 
-    def stage(name: str, models: list[str], train: Callable[[], dict[str, M3BindModel]]) -> dict[str, M3BindModel]:
-        """Load a completed stage, or train and checkpoint it; its recorded time goes into the card.
 
-        A stage's time includes decoding the training data when it is the first to need it.
-        """
-        directory = cfg.run_dir / name
-        if _stage_done(directory):
-            trained = _load_stage(directory, models)
-        else:
-            t0 = time.time()
-            trained = train()
-            _save_stage(trained, directory, time.time() - t0)
-        distributed.check_in_sync(trained, name)
-        timings[name] = _stage_seconds(directory)
-        return trained
+def run_stage(cfg: PipelineConfig, name: str, models: list[str], train: Callable[[], dict[str, M3BindModel]],
+              timings: dict[str, float]) -> dict[str, M3BindModel]:
+    """Load a completed stage, or train and checkpoint it; its recorded time goes into ``timings`` (for the card).
 
-    def train_teachers() -> dict[str, M3BindModel]:
-        data = training_data()
-        for i, m in enumerate(names):
-            plan = cfg.modalities[m]
-            if plan.trunk_from:
-                copy_trunk(teachers[m], m, teachers[plan.trunk_from], plan.trunk_from)
-            train_teacher(teachers[m], data[m], dataclasses.replace(cfg.teacher, **plan.teacher), cfg.seed + i,
-                          plan.trainable_fraction, base_features)
-        return teachers
+    A stage's time includes decoding the training data when it is the first to need it.
+    """
+    directory = cfg.run_dir / name
+    if _stage_done(directory):
+        trained = _load_stage(directory, models)
+    else:
+        t0 = time.time()
+        trained = train()
+        _save_stage(trained, directory, time.time() - t0)
+    distributed.check_in_sync(trained, name)
+    timings[name] = _stage_seconds(directory)
+    return trained
 
-    def class_prompts(*weights: float) -> dict[str, list[list[list[str]]]] | None:
-        """Each modality's class prompt ensembles, when a stage keeps the teachers' class choice (class_weight)."""
-        if not any(weights):
-            return None
-        return {m: class_prompt_sets(plan.datasets, m, cfg.data_root) for m, plan in cfg.modalities.items()}
 
-    def train_aligned() -> dict[str, M3BindModel]:
-        shared = shared_text_corpus(cfg.data_root, max_per_source=max(1, cfg.shared_texts // 5), seed=cfg.seed)
-        prompts = class_prompts(cfg.align.class_weight,
-                                *(plan.align.get("class_weight", 0) for plan in cfg.modalities.values()))
-        return align({m: copy.deepcopy(t) for m, t in teachers.items()}, training_data(), shared, cfg.align,
-                     cfg.seed, base_features, {m: plan.align for m, plan in cfg.modalities.items()}, prompts)
+def new_teachers(cfg: PipelineConfig) -> dict[str, M3BindModel]:
+    """One untrained CLIP-like model per modality, on this process's device."""
+    return {m: new_teacher(m, plan.tower, cfg.dim, cfg.text, cfg.seed + i).to(distributed.device())
+            for i, (m, plan) in enumerate(cfg.modalities.items())}
 
-    def train_student() -> dict[str, M3BindModel]:
-        data = training_data()
-        rng = np.random.default_rng(cfg.seed)
-        texts = {}
-        for m in names:
-            pool = sorted({t for caps in data[m].captions for t in caps} | set(modality_texts(m, cfg.data_root))
-                          | {t for texts in STATUS_CAPTIONS.values() for t in texts})
-            if cfg.distill_texts and len(pool) > cfg.distill_texts:
-                pool = [pool[i] for i in sorted(rng.choice(len(pool), cfg.distill_texts, replace=False))]
-            texts[m] = pool
-        student = text_only_model(cfg.text, cfg.dim, f"{cfg.name}-student", cfg.seed).to(device)
-        images = ({m: item_embeddings(aligned[m], data[m]) for m in names}
-                  if cfg.distill.relational_weight or cfg.distill.class_weight else None)
-        distill(student, aligned, texts, cfg.distill, cfg.seed,
-                base_features if cfg.align.lora_layers == 0 else None, images, class_prompts(cfg.distill.class_weight))
-        return {"text": student}
 
-    teachers = stage("teachers", names, train_teachers)
-    aligned = stage("aligned", names, train_aligned)
-    student = stage("student", ["text"], train_student)["text"]
+def train_teachers(cfg: PipelineConfig, teachers: dict[str, M3BindModel], data: dict[str, ModalityData],
+                   base_features: TextFeatures) -> dict[str, M3BindModel]:
+    """Each teacher trained on its own modality's pairs (in place), in the config's order, so that a tower can
+    start from the trunk of a teacher trained before it (``trunk_from``)."""
+    for i, (m, plan) in enumerate(cfg.modalities.items()):
+        if plan.trunk_from:
+            copy_trunk(teachers[m], m, teachers[plan.trunk_from], plan.trunk_from)
+        train_teacher(teachers[m], data[m], dataclasses.replace(cfg.teacher, **plan.teacher), cfg.seed + i,
+                      plan.trainable_fraction, base_features)
+    return teachers
 
-    bound = bind(aligned, student, cfg.name, cfg.modality_towers)
-    if cfg.joint.steps:
-        bound = stage("joint", ["bound"], lambda: {"bound": joint(bound, training_data(), cfg.joint, cfg.seed,
-                                                                  base_features)})["bound"]
-    if cfg.detector:
-        image_sets = {m: plan.datasets for m, plan in cfg.modalities.items() if plan.tower.kind == "image"}
-        bound = stage("detector", ["bound"], lambda: {"bound": fit_detector(bound, image_sets, cfg.detector,
-                                                                            cfg.data_root, cfg.seed)})["bound"]
-    if cfg.export_dtype:
-        bound.round_weights(getattr(torch, cfg.export_dtype))
-    timings["total"] = sum(timings.values())
-    if distributed.is_main():  # the others wait at the barrier below
+
+def class_prompts(cfg: PipelineConfig, *weights: float) -> dict[str, list[list[list[str]]]] | None:
+    """Each modality's class prompt ensembles, when a stage keeps the teachers' class choice (class_weight)."""
+    if not any(weights):
+        return None
+    return {m: class_prompt_sets(plan.datasets, m, cfg.data_root) for m, plan in cfg.modalities.items()}
+
+
+def train_aligned(cfg: PipelineConfig, teachers: dict[str, M3BindModel], data: dict[str, ModalityData],
+                  base_features: TextFeatures) -> dict[str, M3BindModel]:
+    """Stage 1 on copies of the teachers (the teachers stay as they were, for the evaluation's comparison)."""
+    shared = shared_text_corpus(cfg.data_root, max_per_source=max(1, cfg.shared_texts // 5), seed=cfg.seed)
+    prompts = class_prompts(cfg, cfg.align.class_weight,
+                            *(plan.align.get("class_weight", 0) for plan in cfg.modalities.values()))
+    return align({m: copy.deepcopy(t) for m, t in teachers.items()}, data, shared, cfg.align, cfg.seed,
+                 base_features, {m: plan.align for m, plan in cfg.modalities.items()}, prompts)
+
+
+def distill_texts(cfg: PipelineConfig, data: dict[str, ModalityData]) -> dict[str, list[str]]:
+    """Per modality, the texts stage 2 distils on: its captions, its modality's texts and the status captions,
+    a seeded sample of ``distill_texts`` of them when the config caps them."""
+    rng = np.random.default_rng(cfg.seed)
+    texts = {}
+    for m in cfg.modalities:
+        pool = sorted({t for caps in data[m].captions for t in caps} | set(modality_texts(m, cfg.data_root))
+                      | {t for texts in STATUS_CAPTIONS.values() for t in texts})
+        if cfg.distill_texts and len(pool) > cfg.distill_texts:
+            pool = [pool[i] for i in sorted(rng.choice(len(pool), cfg.distill_texts, replace=False))]
+        texts[m] = pool
+    return texts
+
+
+def train_student(cfg: PipelineConfig, aligned: dict[str, M3BindModel], data: dict[str, ModalityData],
+                  base_features: TextFeatures) -> M3BindModel:
+    """Stage 2: one text encoder distilled from every aligned teacher."""
+    texts = distill_texts(cfg, data)
+    student = text_only_model(cfg.text, cfg.dim, f"{cfg.name}-student", cfg.seed).to(distributed.device())
+    images = ({m: item_embeddings(aligned[m], data[m]) for m in cfg.modalities}
+              if cfg.distill.relational_weight or cfg.distill.class_weight else None)
+    distill(student, aligned, texts, cfg.distill, cfg.seed, base_features if cfg.align.lora_layers == 0 else None,
+            images, class_prompts(cfg, cfg.distill.class_weight))
+    return student
+
+
+def export(cfg: PipelineConfig, bound: M3BindModel, teachers: dict[str, M3BindModel],
+           timings: dict[str, float]) -> None:
+    """The model directory with its card (and the evaluation against the teachers when the config asks for it),
+    written by the main process while the others wait."""
+    if distributed.is_main():
         table = ""
         if cfg.evaluate:
             from .evaluate import compare, markdown_table
 
             results = compare(bound, teachers, data_root=cfg.data_root)
-            (cfg.export_dir).mkdir(parents=True, exist_ok=True)
+            cfg.export_dir.mkdir(parents=True, exist_ok=True)
             (cfg.export_dir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
             table = markdown_table(results)
             print(table)
         bound.save_pretrained(cfg.export_dir, card=model_card(cfg, timings, table),
                               dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
     distributed.barrier()
+
+
+def run(cfg: PipelineConfig) -> M3BindModel:
+    """Every stage in order (each loaded from its checkpoint when done), then the export; the bound model."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    timings: dict[str, float] = {}
+    names = list(cfg.modalities)
+    fresh = new_teachers(cfg)
+    base_features = TextFeatures(next(iter(fresh.values())))  # every teacher starts from the same text base
+    data = TrainingData(cfg, fresh)
+
+    teachers = run_stage(cfg, "teachers", names, lambda: train_teachers(cfg, fresh, data(), base_features), timings)
+    aligned = run_stage(cfg, "aligned", names, lambda: train_aligned(cfg, teachers, data(), base_features), timings)
+    student = run_stage(cfg, "student", ["text"],
+                        lambda: {"text": train_student(cfg, aligned, data(), base_features)}, timings)["text"]
+    bound = bind(aligned, student, cfg.name, cfg.modality_towers)
+    if cfg.joint.steps:
+        bound = run_stage(cfg, "joint", ["bound"], lambda: {"bound": joint(
+            bound, data(), cfg.joint, cfg.seed, base_features)}, timings)["bound"]
+    if cfg.detector:
+        image_sets = {m: plan.datasets for m, plan in cfg.modalities.items() if plan.tower.kind == "image"}
+        bound = run_stage(cfg, "detector", ["bound"], lambda: {"bound": fit_detector(
+            bound, image_sets, cfg.detector, cfg.data_root, cfg.seed)}, timings)["bound"]
+    if cfg.export_dtype:
+        bound.round_weights(getattr(torch, cfg.export_dtype))
+    timings["total"] = sum(timings.values())
+    export(cfg, bound, teachers, timings)
     return bound
 
 
