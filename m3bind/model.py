@@ -83,8 +83,8 @@ class M3BindModel(nn.Module):
     def tower_for(self, modality: str) -> nn.Module:
         name = self.config.modality_towers.get(get_modality(modality).name)
         if name not in self.towers:
-            raise WrongModalityError(f"The model {self.config.name!r} has no encoder for {get_modality(modality).title}. "
-                                     f"It encodes: {', '.join(self.modalities)}.")
+            raise WrongModalityError(f"The model {self.config.name!r} has no encoder for "
+                                     f"{get_modality(modality).title}. It encodes: {', '.join(self.modalities)}.")
         return self.towers[name]
 
     # ----- modality detection ---------------------------------------------------------------------
@@ -266,10 +266,11 @@ def default_card(model: M3BindModel) -> str:
 
 
 def load_model(name_or_path: str | Path | None = None, device: str | torch.device | None = "auto") -> M3BindModel:
-    """The embedded default model, or a model directory / Hub repo id.
+    """A model directory or Hub repo id, or without one the embedded default model (``assets/m3bind-default``,
+    trained by ``train/configs/default.yaml``).
 
-    Until a trained default ships in ``assets/``, the default is the untrained default architecture,
-    with a warning: its embeddings mean nothing yet.
+    Where that directory is missing (a checkout without its weight files), the untrained default architecture
+    (``default_config``) is returned instead, with a warning: its embeddings mean nothing.
     """
     if name_or_path is not None:
         return M3BindModel.from_pretrained(name_or_path, device=device)
