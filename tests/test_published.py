@@ -34,10 +34,12 @@ def tiny(tmp_path_factory):
         os.environ["M3BIND_TINY_PUBLISHED"] = saved
 
 
-def _plans():
+def _published_plans():
+    """The tiny config's teachers in published formats (its ECG teacher is in M3Bind's own format)."""
     from train.published.pipeline import PublishedConfig
 
-    return PublishedConfig.from_yaml(REPO / "train" / "configs" / "published_tiny.yaml").teachers
+    plans = PublishedConfig.from_yaml(REPO / "train" / "configs" / "published_tiny.yaml").teachers
+    return {m: p for m, p in plans.items() if p.type != "m3bind"}
 
 
 def test_published_formats_load_offline_with_their_own_tokenizers(tiny):
@@ -49,7 +51,7 @@ def test_published_formats_load_offline_with_their_own_tokenizers(tiny):
 
     root, names = tiny
     assert constants.is_offline_mode()
-    plans = _plans()
+    plans = _published_plans()
     teachers = {m: load_teacher(m, p, dim=64) for m, p in plans.items()}
     texts = ["Normal chest radiograph.", "Squamous cell carcinoma of the lung, H&E."]
     tokens = {m: t.text.tokenize(texts)["input_ids"] for m, t in teachers.items()}
@@ -76,7 +78,7 @@ def test_qv_lora_on_both_towers_changes_only_query_and_value(tiny):
     from train.published.align import AlignConfig, AlignStep, TeacherBatch, finish_teacher
     from train.published.teachers import load_teacher
 
-    teachers = {m: load_teacher(m, p, dim=64) for m, p in _plans().items()}
+    teachers = {m: load_teacher(m, p, dim=64) for m, p in _published_plans().items()}
     before = {m: {k: v.clone() for k, v in t.state_dict().items()} for m, t in teachers.items()}
     step = AlignStep(teachers, AlignConfig(steps=1, lr=1e-2, proj_lr=1e-2, lora_dropout=0.0), torch.device("cpu"))
     texts = ["normal study", "pneumonia", "benign lung tissue", "moderate retinopathy"]
@@ -109,7 +111,8 @@ def test_qv_lora_on_both_towers_changes_only_query_and_value(tiny):
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_pipeline_binds_three_published_teachers_and_exports_a_loadable_model(tiny, tmp_path):
-    """The whole pipeline (stage 1, stage 2, export) on the three tiny teachers and real images; the export
+    """The whole pipeline (stage 1, stage 2, export) on the three tiny published teachers and an ECG CLIP in
+    M3Bind's format, with real images and ECGs; the export
     loads through ``m3bind.load_model`` (here, and in a fresh process from a hub cache with HF_HUB_OFFLINE=1)
     and embeds images and texts exactly as the trained model did."""
     import m3bind
@@ -122,13 +125,14 @@ def test_pipeline_binds_three_published_teachers_and_exports_a_loadable_model(ti
     bound = run(cfg, "cpu")
     assert {p.name for p in (tmp_path / "x").iterdir()} >= {"config.json", "model.safetensors", "README.md"}
     saved = json.loads((tmp_path / "x" / "config.json").read_text())
-    assert saved["towers"]["pathology"]["type"] == "hf-clip" and saved["dim"] == 64
+    assert saved["towers"]["pathology"]["type"] == "hf-clip" and saved["towers"]["ecg"]["kind"] == "ecg"
+    assert saved["dim"] == 64
     loaded = m3bind.load_model(tmp_path / "x", device="cpu")
     samples = [load_dataset(d, "test", seed=0).pairs[0].load()
-               for d in ("pneumoniamnist", "retinamnist", "lc25000_lung")]
-    assert [s.modality for s in samples] == ["xray", "retina", "pathology"]
+               for d in ("pneumoniamnist", "retinamnist", "lc25000_lung", "ptbxl")]
+    assert [s.modality for s in samples] == ["xray", "retina", "pathology", "ecg"]
     vectors = loaded.embed(samples)
-    assert vectors.shape == (3, 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert vectors.shape == (4, 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     assert np.allclose(vectors, bound.embed(samples), atol=1e-5)
     phrase = ["Normal chest radiograph."]
     assert np.allclose(loaded.embed_text(phrase), bound.embed_text(phrase), atol=1e-5)

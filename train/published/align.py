@@ -29,7 +29,7 @@ from m3bind import M3BindModel
 
 from ..losses import match_matrix, pairwise_alignment
 from ..stages import ModalityData, _schedule, augment, fit_centres
-from .lora import add_qv_lora, merge_qv_lora
+from .lora import adaptable, add_qv_lora, merge_qv_lora
 
 
 @dataclass
@@ -50,8 +50,18 @@ class AlignConfig:
     log_every: int = 100  # host reads of the losses (each one waits for the device)
 
 
-def _image_root(model: M3BindModel, modality: str) -> nn.Module:
-    return model.tower_for(modality).visual
+def _adapted_roots(model: M3BindModel, modality: str) -> list[nn.Module]:
+    """What gets q/v LoRA: the text body, and the image tower's visual part where it has attention (an ECG or
+    CNN tower of an M3Bind teacher has none; its output head trains instead)."""
+    visual = getattr(model.tower_for(modality), "visual", None)
+    return [model.text.model] + ([visual] if visual is not None and adaptable(visual) else [])
+
+
+def _isometry(model: M3BindModel, modality: str) -> nn.Linear | None:
+    """A published teacher's projection into D, which its two towers share; None for an M3Bind teacher, whose
+    own width is D (see ``train.published.teachers``)."""
+    proj = model.tower_for(modality).proj
+    return proj if proj is model.text.proj else None
 
 
 def enable_checkpointing(module: nn.Module) -> None:
@@ -69,25 +79,34 @@ def enable_checkpointing(module: nn.Module) -> None:
 
 
 def prepare_teacher(model: M3BindModel, modality: str, cfg: AlignConfig) -> list[dict]:
-    """LoRA on both towers, the projection made a trainable isometry; the optimiser's parameter groups."""
+    """LoRA on both towers, the projection made a trainable isometry (or, for an M3Bind teacher, its text
+    projection and a tower without attention's head trainable); the optimiser's parameter groups."""
     for p in model.parameters():
         p.requires_grad_(False)
-    lora = [p for root in (_image_root(model, modality), model.text.model)
-            for p in add_qv_lora(root, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)]
-    proj = model.tower_for(modality).proj
-    parametrizations.orthogonal(proj)
+    roots = _adapted_roots(model, modality)
+    lora = [p for root in roots for p in add_qv_lora(root, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)]
+    proj = _isometry(model, modality)
+    if proj is not None:
+        parametrizations.orthogonal(proj)
+        heads = list(proj.parameters())
+    else:
+        tower_head = model.tower_for(modality).head_parameters() if len(roots) == 1 else []
+        heads = list(model.text.proj.parameters()) + tower_head
+        for p in heads:
+            p.requires_grad_(True)
     if cfg.checkpointing:
-        enable_checkpointing(_image_root(model, modality))
-        enable_checkpointing(model.text.model)
-    return [{"params": lora, "lr": cfg.lr}, {"params": list(proj.parameters()), "lr": cfg.proj_lr}]
+        for root in roots:
+            enable_checkpointing(root)
+    return [{"params": lora, "lr": cfg.lr}, {"params": heads, "lr": cfg.proj_lr}]
 
 
 def finish_teacher(model: M3BindModel, modality: str) -> None:
     """Adapters merged into the base weights and the projection a plain linear again: the published layout
     plus what changed, which is what ``M3BindModel.save_pretrained`` stores."""
-    merge_qv_lora(_image_root(model, modality))
-    merge_qv_lora(model.text.model)
-    parametrize.remove_parametrizations(model.tower_for(modality).proj, "weight", leave_parametrized=True)
+    for root in _adapted_roots(model, modality):
+        merge_qv_lora(root)
+    if _isometry(model, modality) is not None:
+        parametrize.remove_parametrizations(model.tower_for(modality).proj, "weight", leave_parametrized=True)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -154,8 +173,10 @@ def to_device(tokens: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 def host_batch(model: M3BindModel, data: ModalityData, batch, shared: Sequence[str], generator: torch.Generator,
                device: torch.device) -> TeacherBatch:
-    """Everything one teacher's step needs, prepared on the host (augmentation, tokens, soft targets)."""
-    pixels = augment(data.inputs[torch.from_numpy(batch.rows)].float(), "image", generator)
+    """Everything one teacher's step needs, prepared on the host (augmentation, tokens, soft targets); ``pixels``
+    are an ECG tower's signals for an ECG teacher."""
+    inputs = data.inputs[torch.from_numpy(batch.rows)].float()
+    pixels = augment(inputs, "ecg" if inputs.dim() == 3 else "image", generator)
     inputs = to_device({"pixels": pixels, "matches": match_matrix(batch.keys, batch.text_keys, None)}, device)
     return TeacherBatch(inputs["pixels"], to_device(model.text.tokenize(batch.texts), device), inputs["matches"],
                         to_device(model.text.tokenize(shared), device))

@@ -167,20 +167,32 @@ def hf_clip_folder(path: Path, projection_dim: int = 24, width: int = 40, image_
     return path
 
 
-def tiny_published_hub(cache: Path, work: Path) -> dict[str, str]:
-    """Three tiny published teachers and a BERT in a hub cache: names as a config gives them.
+def m3bind_ecg_folder(path: Path, text_source: str, dim: int = 64, seed: int = 4) -> Path:
+    """An ECG CLIP in M3Bind's own format: a small 1-D ResNet ECG tower and the HF text model ``text_source``."""
+    from m3bind import EcgTowerConfig, M3BindModel, ModelConfig, TextTowerConfig
 
-    Widths (64, 48, 24) and tokenizers (WordPiece at context 256, open_clip BPE at 32, CLIP BPE) all differ."""
+    torch.manual_seed(seed)
+    config = ModelConfig(name="tiny-ecg-clip", dim=dim, text=TextTowerConfig(source=text_source, pooling="cls",
+                                                                             max_length=64),
+                         towers={"ecg": EcgTowerConfig(widths=(8, 16))}, modality_towers={"ecg": "ecg"})
+    return M3BindModel(config).save_pretrained(path)
+
+
+def tiny_published_hub(cache: Path, work: Path) -> dict[str, str]:
+    """Three tiny published teachers and a BERT in a hub cache, and an ECG CLIP in M3Bind's format (a folder):
+    names as a config gives them. Widths (64, 48, 24) and tokenizers (WordPiece at context 256, open_clip BPE
+    at 32, CLIP BPE) all differ."""
     work, cache = Path(work), Path(cache)
     hub_cache_repo(cache, "tiny-org/tiny-bert", bert_folder(work / "tiny-bert"))
     with offline_hub(cache):  # the open_clip config names its text model by hub id, as BiomedCLIP's does
         biomed = open_clip_bert_folder(work / "tiny-biomedclip", "tiny-org/tiny-bert")
+        m3bind_ecg_folder(work / "tiny-ecg-clip", "tiny-org/tiny-bert")
     hub_cache_repo(cache, "tiny-org/tiny-biomedclip", biomed)
     quilt = open_clip_bpe_folder(work / "tiny-quiltnet")
     hub_cache_repo(cache, "tiny-org/tiny-plip", hf_clip_folder(work / "tiny-plip"))
     return {"bert": "tiny-org/tiny-bert", "open_clip_bert": "hf-hub:tiny-org/tiny-biomedclip",
             "open_clip_bert_dir": str(biomed), "open_clip_bpe": f"local-dir:{quilt}",
-            "hf_clip": "tiny-org/tiny-plip"}
+            "hf_clip": "tiny-org/tiny-plip", "m3bind_ecg": str(work / "tiny-ecg-clip")}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,6 +34,13 @@ def qv_targets(root: nn.Module) -> list[str]:
     return names
 
 
+def adaptable(root: nn.Module) -> bool:
+    """Whether ``root`` has query/value projections, or already carries adapters on them."""
+    from peft.tuners.lora import LoraLayer
+
+    return bool(qv_targets(root)) or any(isinstance(m, LoraLayer) for m in root.modules())
+
+
 def _mask_key_rows(lora_b: nn.Linear) -> None:
     """Zero the gradient of the key third of a fused q/k/v adapter's B matrix (see the module docstring)."""
     third = lora_b.out_features // 3

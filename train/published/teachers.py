@@ -7,6 +7,10 @@ the same per-teacher projection into the shared width D (the tower's ``proj``): 
 stage 1 trains (``orthogonal`` parametrisation), so each teacher's cosine geometry is untouched by it and
 the text alignment loss can only fall by the teachers' text spaces agreeing, never by the projections
 collapsing. Stage 2 and ``bind`` (``train.stages``) then work on these models unchanged.
+
+An M3Bind model directory is a teacher too (type ``m3bind``): the slot for an ECG CLIP (an ECG tower and any
+Hugging Face text model) and for the teachers ``train.pipeline`` trains. It keeps its own tower, text tower and
+width, which must then be the shared width D (alignment in the width the teachers share).
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from m3bind import M3BindModel, ModelConfig, TextTowerConfig
+from m3bind import M3BindModel, ModelConfig, TextTowerConfig, load_model
 from m3bind.config import ImageTowerConfig
 from m3bind.encoders import build_tower
 from m3bind.published import HFClipTowerConfig
+from m3bind.weights import resolve_model_dir
 
-TEACHER_TYPES = ("open_clip", "hf_clip")
+TEACHER_TYPES = ("open_clip", "hf_clip", "m3bind")
 
 
 @dataclass
@@ -32,7 +37,9 @@ class TeacherPlan:
     """One published teacher in a config: where it comes from and what it trains on."""
 
     type: str  # one of TEACHER_TYPES
-    source: str  # open_clip: "hf-hub:org/repo" or "local-dir:/path"; hf_clip: hub id or folder
+    # open_clip: "hf-hub:org/repo" or "local-dir:/path"; hf_clip: hub id or folder; m3bind: an M3Bind model
+    # directory or hub repo (e.g. an ECG CLIP: ECG tower + any HF text model, or a teacher of train.pipeline)
+    source: str
     datasets: list[str]
     max_items: int | None = None
     context_length: int | None = None  # hf_clip: token limit (open_clip configs carry their own)
@@ -84,9 +91,26 @@ def _hf_clip_text(source: str, proj: nn.Linear, context_length: int | None) -> t
     return PublishedText(clip, encode, tokenize, proj), float(clip.logit_scale.detach().exp())
 
 
+def _m3bind_teacher(modality: str, plan: TeacherPlan, dim: int | None) -> M3BindModel:
+    """An M3Bind model's tower for ``modality`` and its text tower: it aligns in its own width, which must be D."""
+    model = load_model(plan.source, device="cpu")
+    if modality not in model.modalities:
+        raise ValueError(f"{plan.source} has no {modality} tower; it encodes {', '.join(model.modalities)}.")
+    if dim is not None and model.dim != dim:
+        raise ValueError(f"{plan.source} embeds in {model.dim} dimensions but the shared width is {dim}: an M3Bind "
+                         f"teacher keeps its own width (set dim: {model.dim}).")
+    name = model.config.modality_towers[modality]
+    config = ModelConfig(name=f"teacher-{modality}", dim=model.dim, text=copy.deepcopy(model.config.text),
+                         towers={modality: copy.deepcopy(model.config.towers[name])},
+                         modality_towers={modality: modality}, logit_scale=model.config.logit_scale)
+    return M3BindModel(config, text=model.text, towers={modality: model.towers[name]})
+
+
 def load_teacher(modality: str, plan: TeacherPlan, dim: int | None, seed: int = 0) -> M3BindModel:
     """The published checkpoint as an M3Bind teacher; ``dim`` None keeps the checkpoint's own width."""
     torch.manual_seed(seed)
+    if plan.type == "m3bind":
+        return _m3bind_teacher(modality, plan, dim)
     cfg = (ImageTowerConfig(source=plan.source, vision_cfg={}) if plan.type == "open_clip"
            else HFClipTowerConfig(source=plan.source))
     width = _embed_width(plan)
@@ -104,6 +128,8 @@ def load_teacher(modality: str, plan: TeacherPlan, dim: int | None, seed: int = 
 
 def _embed_width(plan: TeacherPlan) -> int:
     """The checkpoint's joint embedding width (what its projections output)."""
+    if plan.type == "m3bind":
+        return ModelConfig.load(resolve_model_dir(plan.source) / "config.json").dim
     if plan.type == "open_clip":
         import open_clip
 
