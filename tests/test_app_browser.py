@@ -46,15 +46,26 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def url(model, tmp_path_factory):
+def served(model, tmp_path_factory):
+    """(demo, url) of the app served on a free port."""
     import app
 
     demo = app.build_app(model, tmp_path_factory.mktemp("m3bind-home"))
     port = free_port()
     demo.launch(**{**app.launch_options(demo.m3bind_workspace), "server_port": port, "prevent_thread_lock": True,
                    "quiet": True})
-    yield f"http://127.0.0.1:{port}/"
+    yield demo, f"http://127.0.0.1:{port}/"
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def url(served):
+    return served[1]
+
+
+def legible(text: str) -> bool:
+    """No pictograph (emoji, dingbat, symbol): a stock Chromium without an emoji font draws them as empty boxes."""
+    return not any(0x2600 <= ord(c) <= 0x27BF or ord(c) >= 0x1F000 for c in text)
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +96,13 @@ def screenshot(page, name: str, focus=None) -> None:
     assert (reduced / f"{name}.png").stat().st_size < 300_000
 
 
-def test_classify_a_dicom_and_an_ecg(page, model):
+def test_classify_a_dicom_and_an_ecg(page, model, served):
     from playwright.sync_api import expect
 
     expect(page.get_by_text(f"Model {model.config.name}")).to_be_visible()
-    expect(page.locator("#untrained-warning")).to_have_count(1 if "untrained" in model.config.name else 0)
+    expect(page.locator("#untrained-warning")).to_have_count(0 if served[0].m3bind_workspace.trained else 1)
+    rate = page.locator("#rate textarea, #rate input").first
+    assert rate.input_value() == "" and rate.get_attribute("placeholder") == "e.g. 500"  # a hint, not "0"
     page.locator("#upload input[type=file]").set_input_files(get_testdata_file("CT_small.dcm"))
     expect(page.locator("#status")).to_contain_text("CT (from the DICOM header)", timeout=SLOW)
     expect(page.locator("#findings textarea")).to_have_value("\n".join(m3bind.get_modality("ct").default_labels))
@@ -98,7 +111,31 @@ def test_classify_a_dicom_and_an_ecg(page, model):
     expect(page.locator("#prob-plot")).to_contain_text("ground-glass opacities")
     expect(page.locator("#prob-plot")).to_contain_text("%")
     expect(page.get_by_text("DICOM window")).to_be_visible()
+    expect(page.locator("#status")).to_contain_text("Findings scored: 5 defaults for CT.")
+    assert legible(page.locator("#status").inner_text()) and legible(page.locator("body").inner_text())
     screenshot(page, "classify")
+
+    # why: the top finding's words and a heatmap over the preview
+    page.get_by_text("Why this finding?").click()
+    page.locator("#explain-button").click()
+    expect(page.locator("#explain-note")).to_contain_text("Top finding", timeout=SLOW)
+    expect(page.locator("#explain-heatmap img")).to_be_visible(timeout=SLOW)
+    expect(page.locator("#explain-words")).to_contain_text(page.locator("#explain-note strong").first.inner_text()
+                                                           .split()[0])
+    screenshot(page, "classify_explain", page.locator("#explain-heatmap"))
+
+    # findings typed for this file do not follow the next one, unless kept
+    findings = page.locator("#findings textarea")
+    findings.fill("lung cancer\nmelanoma")
+    page.get_by_role("button", name="MRI slice (DICOM)").click()
+    expect(page.locator("#status")).to_contain_text("MRI", timeout=SLOW)
+    expect(findings).to_have_value("\n".join(m3bind.get_modality("mri").default_labels), timeout=SLOW)
+    findings.fill("lung cancer\nmelanoma")
+    page.locator("#keep-findings input").check()
+    page.get_by_role("button", name="CT slice (DICOM)").click()
+    expect(page.locator("#status")).to_contain_text("2 typed by you (lung cancer, melanoma)", timeout=SLOW)
+    expect(findings).to_have_value("lung cancer\nmelanoma")
+    page.locator("#keep-findings input").uncheck()
 
     page.get_by_role("button", name="12-lead ECG (DICOM waveform)").click()
     expect(page.locator("#status")).to_contain_text("12-lead ECG", timeout=SLOW)
@@ -108,6 +145,10 @@ def test_classify_a_dicom_and_an_ecg(page, model):
         expect(page.locator("#ecg-plot")).to_contain_text(lead)
     expect(page.locator("#prob-plot")).to_contain_text("atrial fibrillation", timeout=SLOW)
     screenshot(page, "classify_ecg")
+    page.locator("#explain-button").click()
+    expect(page.locator("#explain-ecg .js-plotly-plot")).to_be_visible(timeout=SLOW)
+    expect(page.locator("#explain-ecg")).to_contain_text("Seconds that drive")
+    expect(page.locator("#explain-heatmap")).to_be_hidden()
 
 
 def test_text_search(page):
@@ -120,6 +161,19 @@ def test_text_search(page):
     expect(page.locator("#results")).to_contain_text("12-lead ECG")
     page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth)")
     page.wait_for_timeout(500)  # the gallery fades its images in
+    # every result and its whole caption on the page: no inner scroll, no clipped caption
+    hidden = page.evaluate("""() => [...document.querySelectorAll('#results *')].filter(e =>
+        e.scrollHeight > e.clientHeight + 2 && getComputedStyle(e).overflowY != 'visible').length""")
+    assert hidden == 0
+    captions = page.locator("#results .caption-label")
+    expect(captions).to_have_count(6)
+    for i in range(6):
+        caption = captions.nth(i)
+        assert caption.evaluate("e => e.scrollWidth <= e.clientWidth && e.scrollHeight <= e.clientHeight + 1")
+        assert " · " in caption.inner_text() and caption.bounding_box()["height"] > 0
+    bottom = page.locator("#results").bounding_box()
+    last = page.locator("#results img").nth(5).bounding_box()
+    assert last["y"] + last["height"] <= bottom["y"] + bottom["height"]
     screenshot(page, "search")
 
 
@@ -139,14 +193,21 @@ def test_fewshot(page):
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="Few-shot").click()
-    for i, (name, file) in enumerate((("CT", "CT_small.dcm"), ("MRI", "MR_small.dcm")), start=1):
+    page.get_by_text("More classes").click()  # a fourth class: more than three are allowed
+    classes = (("CT", ["CT_small.dcm"]), ("MRI", ["MR_small.dcm", "MR_small_RLE.dcm"]), ("ECG", ["waveform_ecg.dcm"]),
+               ("Ultrasound", ["examples_jpeg2k.dcm"]))
+    for i, (name, files) in enumerate(classes, start=1):
         page.locator(f"#class-{i}-name textarea, #class-{i}-name input").first.fill(name)
-        page.locator(f"#class-{i}-files input[type=file]").set_input_files(get_testdata_file(file))
-        expect(page.locator(f"#class-{i}-files")).to_contain_text(file, timeout=SLOW)
+        page.locator(f"#class-{i}-files input[type=file]").set_input_files([get_testdata_file(f) for f in files])
+        expect(page.locator(f"#class-{i}-files")).to_contain_text(files[0], timeout=SLOW)
     page.locator("#fewshot-button").click()
     plot = page.locator("#fewshot-plot")
     expect(plot.locator(".js-plotly-plot")).to_be_visible(timeout=SLOW)
-    expect(plot).to_contain_text("MRI")
+    for label in ("CT (1 example)", "MRI (2 examples)", "ECG (1 example)", "Ultrasound (1 example)"):
+        expect(plot).to_contain_text(label)
+    bars = plot.locator(".bartext").all_inner_texts()
+    assert len(bars) == 4 and not any(b in ("100 %", "0 %", "100.0 %", "0.0 %") for b in bars)
+    expect(page.locator("#fewshot-note")).to_contain_text("Examples per class: CT 1, ECG 1, MRI 2, Ultrasound 1")
     expect(page.locator("#fewshot-note")).to_contain_text("the file of the Classify tab (12-lead ECG)")
     expect(page.locator("#fewshot-note")).not_to_contain_text("waveform_ecg.dcm")  # file names are not shown
     screenshot(page, "fewshot", plot)
@@ -168,5 +229,8 @@ def test_file_content_in_messages_stays_text(page, tmp_path):
     expect(page.locator("#status")).to_contain_text("<img src=http://127.0.0.1:7999/x.png>")  # shown as text
     toast = page.locator("[data-testid=toast-body]").filter(has_text="The CSV file has").first
     expect(toast).to_contain_text("<img src=http://127.0.0.1:7999/x.png>", timeout=SLOW)
+    status, note = page.locator("#status").bounding_box(), toast.bounding_box()
+    assert note["y"] >= status["y"] + status["height"]  # the toast does not cover the status line
+    assert legible(page.locator("#status").inner_text())
     page.wait_for_timeout(1000)
     assert not fetched and page.locator("#status img, [data-testid=toast-body] img").count() == 0
