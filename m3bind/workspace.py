@@ -280,6 +280,10 @@ class Workspace:
             self._save("removed")
         return self.library.stats()
 
+    def stats(self) -> dict[str, Any]:
+        """The library's size, per modality, and its index (``Library.stats``)."""
+        return self.library.stats()
+
     def thumbnail(self, item_id: int) -> bytes | None:
         return self.library.item(item_id)["thumbnail"]
 
@@ -398,6 +402,11 @@ class Workspace:
     # ------------------------------------------------------------------------------------ explore
     def library_map(self) -> LibraryMap:
         return self.maps.get(self.library)
+
+    def shown_sources(self, library_map: LibraryMap) -> list[str | None]:
+        """The file names a page may show for a map's items (``shown_source``): examples' only, by default."""
+        return [self.shown_source(src, self.library.item(int(i))["sha256"]) if src else None
+                for i, src in zip(library_map.ids, library_map.sources)]
 
     # ----------------------------------------------------------------------------------- few-shot
     def fewshot(self, query: Any, classes: dict[str, Sequence[Any]], method: str = "prototype",

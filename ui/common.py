@@ -112,6 +112,6 @@ def modality_choices(ws: Workspace) -> list[tuple[str, str]]:
 
 
 def library_summary(ws: Workspace) -> str:
-    stats = ws.library.stats()
+    stats = ws.stats()
     parts = ", ".join(f"{m3bind.get_modality(m).title} {n}" for m, n in stats["per_modality"].items())
     return f"**Library:** {stats['count']} items ({parts or 'empty'}) · index {stats['index']}"

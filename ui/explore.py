@@ -38,8 +38,7 @@ class ExploreTab:
         # hover text and legend: no uploads' file names, and labels and prompts as text, never plotly markup
         shown = dataclasses.replace(
             lmap, labels=[plain(label) if label else label for label in lmap.labels],
-            sources=[plain(ws.shown_source(src, ws.library.item(int(i))["sha256"]) or "") or None if src else None
-                     for i, src in zip(lmap.ids, lmap.sources)])
+            sources=[plain(src) if src else None for src in ws.shown_sources(lmap)])
         fig = figures.map_figure(shown, color_by, query, name or "your upload",
                                  [(plain(t), xy) for t, xy in zip(texts, prompt_xy)])
         return fig, (f"{lmap.method} map of {len(lmap.ids)} library items; the upload and the prompts are placed "
@@ -47,7 +46,7 @@ class ExploreTab:
 
     def warm_map(self) -> None:
         """Opening the Explore tab compiles UMAP in the background, while the user reads the page."""
-        if len(self.ws.library) >= explore.MIN_UMAP_ITEMS:
+        if self.ws.stats()["count"] >= explore.MIN_UMAP_ITEMS:
             explore.warm_up_in_background()
 
 
