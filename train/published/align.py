@@ -9,8 +9,10 @@ different embedding widths cannot cheat by shrinking or folding a projection.
 
 The step is written for a GPU at the paper's scale: bf16 autocast, fused AdamW, the attention kernels the
 towers ship (PyTorch SDPA in timm, open_clip and transformers), optional ``torch.compile`` and gradient
-checkpointing, and nothing in ``AlignStep.__call__`` waits for the device (inputs, soft targets and token ids
-are prepared on the host and copied without blocking; losses are returned as device tensors).
+checkpointing. ``AlignStep.__call__`` reads no device value (inputs, soft targets and token ids are prepared on
+the host and copied without blocking; losses come back as device tensors), so the host prepares the next batch
+while the device computes; on CUDA ``bench/bench_train_step.py`` counts any synchronisation that the towers'
+libraries still make inside the step.
 """
 
 from __future__ import annotations
