@@ -67,14 +67,19 @@ def test_decode_size_keeps_the_file_facts(shared_data, tmp_path):
         assert turned_small.meta == turned.meta and turned_small.data.shape[:2] == (100, 74)
         assert turned.data.shape[:2] == (512, 381)
 
-    # 16-bit images stay whole: their scaling reads the effective bit depth from the pixel maximum
+    # 16-bit images are shrunk too, scaled by the bit depth of the whole image: one bright pixel makes it
+    # 13 bits, which the shrunk image (its maximum averaged away) would not show
     import pydicom
     from pydicom.data import get_testdata_file
 
-    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm")).pixel_array
-    Image.fromarray(np.clip(ct, 0, None).astype(np.uint16)).save(tmp_path / "ct16.png")
-    deep = m3bind.load_input(tmp_path / "ct16.png", decode_size=32)
-    np.testing.assert_array_equal(deep.data, m3bind.load_input(tmp_path / "ct16.png").data)
+    ct = np.clip(pydicom.dcmread(get_testdata_file("CT_small.dcm")).pixel_array, 0, None).astype(np.uint16)
+    ct[0, 0] = 4096
+    Image.fromarray(ct).save(tmp_path / "ct16.png")
+    deep, whole = m3bind.load_input(tmp_path / "ct16.png", decode_size=32), m3bind.load_input(tmp_path / "ct16.png")
+    assert deep.data.shape == (32, 32, 3) and deep.meta == whole.meta and deep.preview.shape == (32, 32, 3)
+    resized = Image.fromarray(whole.data[..., 0], "F").resize((32, 32), Image.Resampling.BILINEAR)
+    np.testing.assert_allclose(deep.data[..., 0], np.asarray(resized), atol=1 / 8191)  # integer rounding
+    assert (deep.data[..., 0] == deep.data[..., 2]).all()
 
 
 @pytest.mark.parametrize("workers", [0, 1])

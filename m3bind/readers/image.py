@@ -29,47 +29,82 @@ PREVIEW_SIDE = 512
 _PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF")  # PIL's JPEG opener also yields MPO files
 _FORMAT_NAMES = {"MPO": "jpeg"}
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_BAND = 1 << 20  # values per band of rows where a full-size temporary is avoided
 
 
-def to_unit(array: np.ndarray, bits: int | None = None) -> np.ndarray:
+def to_unit(array: np.ndarray, bits: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Scale integer or float pixel values to float32 in [0, 1].
 
     Integers are divided by ``2**bits - 1`` (``bits`` defaults to the effective bit depth of the data,
-    at least 8); signed data with negative values and floats outside [0, 1] are min-max scaled.
+    at least 8); signed data with negative values and floats outside [0, 1] are min-max scaled. The
+    result is computed in place in ``out`` (float32, the same shape; a new array if None), without a
+    full-size temporary: at the decoded-size limit every extra copy costs hundreds of MB.
     """
     a = np.asarray(array)
-    if a.dtype == np.bool_:
-        return a.astype(np.float32)
+    out = np.empty(a.shape, dtype=np.float32) if out is None else out
     if a.dtype == np.uint8 and bits in (None, 8):  # the common case, in one pass: nothing to check
-        return np.divide(a, np.float32(255.0), dtype=np.float32)
+        return np.divide(a, np.float32(255.0), out=out, dtype=np.float32)
+    out[...] = a
+    if a.dtype == np.bool_:
+        return out
     unsigned = np.issubdtype(a.dtype, np.unsignedinteger)
     if np.issubdtype(a.dtype, np.integer) and (unsigned or a.size == 0 or a.min() >= 0):
         if bits is None:
             bits = max(8, int(a.max()).bit_length() if a.size else 8)
-        return (a.astype(np.float32) / float(2**bits - 1)).clip(0.0, 1.0)
-    a = a.astype(np.float32)
-    if not np.isfinite(a).all():
+        out /= float(2**bits - 1)
+        return np.clip(out, 0.0, 1.0, out=out)
+    if not np.isfinite(out).all():
         raise CorruptFileError("The image contains invalid pixel values (NaN or infinity).")
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
+    lo, hi = (float(out.min()), float(out.max())) if out.size else (0.0, 1.0)
     if lo >= 0.0 and hi <= 1.0:
-        return a
-    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        return out
+    if hi > lo:
+        out -= lo
+        out /= hi - lo
+    else:
+        out[...] = 0.0
+    return out
 
 
 def image_sample(array: np.ndarray, modality: str, meta: dict[str, Any]) -> Sample:
     """Build the canonical image ``Sample`` that every image reader returns.
 
     ``array`` is (H, W), (H, W, 1) or (H, W, 3), integer or float, scaled to [0, 1] by ``to_unit``;
-    grey is replicated to three channels and a preview (long side <= 512) is made.
+    grey is replicated to three channels and a preview (long side <= 512) is made. Memory: the Sample
+    (12 bytes a pixel) is the only full-size float array made; grey is scaled straight into its first
+    channel, and the preview is drawn from grey before it is replicated.
     """
     a = np.asarray(array)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)) or a.shape[0] == 0 or a.shape[1] == 0:
         raise CorruptFileError(f"The image has an unusable pixel layout (shape {tuple(np.shape(array))}).")
-    unit = to_unit(a).astype(np.float32, copy=False)  # grey is scaled before it is replicated: a third of the work
-    pixels = a if a.dtype == np.uint8 else (unit * 255.0 + 0.5).astype(np.uint8)
-    return Sample(modality=modality, data=_rgb(unit), preview=_preview(pixels), meta=dict(meta))
+    data = np.empty((*a.shape[:2], 3), dtype=np.float32)
+    if a.ndim == 2:  # grey is scaled before it is replicated: a third of the work
+        unit = to_unit(a, out=data[..., 0])
+        _replicate_first_channel(data)
+    else:
+        unit = to_unit(a, out=data)
+    pixels = a if a.dtype == np.uint8 else _to_uint8(unit)
+    return Sample(modality=modality, data=data, preview=_preview(pixels), meta=dict(meta))
+
+
+def _replicate_first_channel(data: np.ndarray) -> None:
+    """Copies channel 0 into channels 1 and 2 a band of rows at a time: numpy copies an overlapping source
+    whole first (a full-size temporary)."""
+    rows = max(1, _BAND // data.shape[1])
+    for start in range(0, len(data), rows):
+        band = data[start:start + rows]
+        band[..., 1:] = band[..., :1]
+
+
+def _to_uint8(unit: np.ndarray) -> np.ndarray:
+    """``unit * 255`` rounded to uint8, a band of rows at a time (no full-size float temporary)."""
+    out = np.empty(unit.shape, dtype=np.uint8)
+    rows = max(1, _BAND // max(1, unit[0].size))
+    for start in range(0, len(unit), rows):
+        out[start:start + rows] = unit[start:start + rows] * np.float32(255.0) + np.float32(0.5)
+    return out
 
 
 def _rgb(a: np.ndarray) -> np.ndarray:
@@ -77,13 +112,12 @@ def _rgb(a: np.ndarray) -> np.ndarray:
 
 
 def _preview(pixels: np.ndarray) -> np.ndarray:
-    """8-bit RGB, long side at most ``PREVIEW_SIDE``."""
-    pixels = _rgb(pixels)
-    if max(pixels.shape[:2]) <= PREVIEW_SIDE:
-        return pixels
-    img = Image.fromarray(pixels, "RGB")
-    img.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return np.asarray(img, dtype=np.uint8)
+    """8-bit RGB, long side at most ``PREVIEW_SIDE`` (grey is shrunk before it is replicated)."""
+    if max(pixels.shape[:2]) > PREVIEW_SIDE:
+        img = Image.fromarray(np.ascontiguousarray(pixels), "L" if pixels.ndim == 2 else "RGB")
+        img.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        pixels = np.asarray(img, dtype=np.uint8)
+    return _rgb(pixels)
 
 
 def guess_image_modality(rgb: np.ndarray) -> str:
@@ -115,9 +149,10 @@ def read_image(data: bytes, limits: Limits, decode_size: int | None = None) -> S
     """Decode a plain image file; the pixel count and the decoded size in bytes (``Limits.max_pixels``,
     ``Limits.max_decoded_bytes``) are checked from the header before any decoding.
 
-    ``decode_size`` lets a caller that will shrink the image anyway (batch embedding) skip most of the
-    decoding work: an 8-bit image larger than that comes out with its long side at ``decode_size``
-    (JPEGs decoded with DCT scaling, then resampled as the towers resample), preview included; deeper
+    ``decode_size`` lets a caller that will shrink the image anyway (batch embedding, the app) skip most
+    of the decoding work and memory: an image larger than that comes out with its long side at
+    ``decode_size`` (JPEGs decoded with DCT scaling, then resampled as the towers resample), preview
+    included; a grey image deeper than 8 bits is scaled by the bit depth of the whole image. Float
     images come out whole. ``meta`` keeps the file's size.
     """
     try:
@@ -137,6 +172,7 @@ def read_image(data: bytes, limits: Limits, decode_size: int | None = None) -> S
                 drafted = img.draft(None, _fit(size, decode_size)) if decode_size else None
                 check_decoded_size(*img.size, len(img.getbands()), _bytes_per_band(img.mode), limits)
                 img.load()
+                bits = _effective_bits(img)
                 if drafted:  # its EXIF, kept in img.info, goes along
                     img = _shrink(img, _fit(size, decode_size), drafted[1])
                 if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # turned by 90 degrees
@@ -145,6 +181,8 @@ def read_image(data: bytes, limits: Limits, decode_size: int | None = None) -> S
                 if decode_size and not drafted:  # after turning: TIFF keeps its orientation in the file's tags
                     img = _shrink(img, _fit(size, decode_size), (0, 0, *size))
                 array = _pil_to_array(img)
+                if decode_size and bits is not None:  # a deep image, perhaps shrunk: the whole one's depth
+                    array = to_unit(array, bits)
         except Image.DecompressionBombError as exc:
             raise InputTooLargeError(_too_large(size, limits)) from exc
         except InputError:
@@ -249,15 +287,24 @@ def _fit(size: tuple[int, int], long_side: int) -> tuple[int, int]:
 
 
 def _shrink(img: Image.Image, target: tuple[int, int], box: tuple[float, ...]) -> Image.Image:
-    """The ``box`` region of an 8-bit image resampled to ``target`` as the towers resample (antialiased
-    bilinear), with exact geometry (a DCT-scaled image's last pixels cover only part of a block).
-
-    Deeper images are left whole: their scaling to [0, 1] reads the effective bit depth from the pixel
-    maximum, which averaging would change.
+    """The ``box`` region of an 8-bit or 16/32-bit integer image resampled to ``target`` as the towers
+    resample (antialiased bilinear), with exact geometry (a DCT-scaled image's last pixels cover only part
+    of a block). A deep image's bit depth is read before (``_effective_bits``): averaging lowers the
+    maximum. Float images are left whole (their scaling reads the minimum and maximum).
     """
-    if img.mode not in ("L", "LA", "RGB", "RGBA", "CMYK") or (img.size == target and tuple(box) == (0, 0, *target)):
+    if img.mode not in ("L", "LA", "RGB", "RGBA", "CMYK", "I;16", "I") or \
+            (img.size == target and tuple(box) == (0, 0, *target)):
         return img
     return img.resize(target, Image.Resampling.BILINEAR, box=box)
+
+
+def _effective_bits(img: Image.Image) -> int | None:
+    """The effective bit depth of a grey image deeper than 8 bits and without negative values (as
+    ``to_unit`` reads it), from the whole image; None for other images."""
+    if img.mode not in ("I;16", "I"):
+        return None
+    low, high = img.getextrema()
+    return max(8, int(high).bit_length()) if low >= 0 else None
 
 
 def _too_large(size: tuple[int, int], limits: Limits) -> str:
@@ -266,10 +313,11 @@ def _too_large(size: tuple[int, int], limits: Limits) -> str:
 
 
 def _pil_to_array(img: Image.Image) -> np.ndarray:
-    """Pixels as uint8 or float in [0, 1]: grey stays (H, W), colour becomes (H, W, 3) on black."""
+    """Colour as uint8 or float in [0, 1], (H, W, 3) on black; grey as decoded, (H, W) (``image_sample``
+    scales it into the Sample without a float copy of its own)."""
     mode = img.mode
     if mode in ("L", "1") or mode.startswith("I") or mode == "F":
-        return to_unit(np.asarray(img))
+        return np.asarray(img)
     if mode in ("LA", "La", "PA", "RGBA", "RGBa") or (mode == "P" and "transparency" in img.info):
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
         return rgba[..., :3] * rgba[..., 3:4]
