@@ -17,6 +17,7 @@ of the examples is used (nothing is saved); ``notice`` says which.
 
 from __future__ import annotations
 
+import html
 import os
 import tempfile
 import threading
@@ -67,16 +68,19 @@ def default_home() -> Path:
 
 
 # --------------------------------------------- what a page shows of each input kind (its facts: m3bind.kinds)
-def _image_preview(sample: Sample) -> Image.Image:
-    """The preview, small ones enlarged by an integer factor (nearest neighbour: every pixel stays a visible
-    square, nothing is interpolated)."""
-    factor = max(1, PREVIEW_MIN_SIDE // max(sample.preview.shape[:2]))
-    pixels = np.repeat(np.repeat(sample.preview, factor, axis=0), factor, axis=1) if factor > 1 else sample.preview
-    preview = Image.fromarray(pixels)
+def _enlarged(pixels: np.ndarray) -> Image.Image:
+    """An image for the page, small ones enlarged by an integer factor (nearest neighbour: every pixel stays a
+    visible square, nothing is interpolated)."""
+    factor = max(1, PREVIEW_MIN_SIDE // max(pixels.shape[:2]))
+    image = Image.fromarray(np.repeat(np.repeat(pixels, factor, axis=0), factor, axis=1) if factor > 1 else pixels)
     # Gradio writes it as PNG with the default zlib level: 110 ms for a 512-px photo. Level 1, set on the
     # image as Pillow allows, takes a fifth of that for a file 15% larger.
-    preview.encoderinfo = {"compress_level": 1}
-    return preview
+    image.encoderinfo = {"compress_level": 1}
+    return image
+
+
+def _image_preview(sample: Sample) -> Image.Image:
+    return _enlarged(sample.preview)
 
 
 def _ecg_preview(sample: Sample) -> Any:
@@ -84,7 +88,7 @@ def _ecg_preview(sample: Sample) -> Any:
 
 
 def _image_explained(sample: Sample, explanation: Explanation) -> Image.Image:
-    return _image_preview(Sample(sample.modality, sample.data, np.asarray(explanation.heatmap), sample.meta))
+    return _enlarged(np.asarray(explanation.heatmap))
 
 
 def _ecg_explained(sample: Sample, explanation: Explanation) -> Any:
@@ -95,7 +99,8 @@ def _ecg_explained(sample: Sample, explanation: Explanation) -> Any:
         if value > 0:
             figure.add_vrect(x0=start, x1=stop, fillcolor="#e61e1e", opacity=0.35 * value / strongest,
                              line_width=0, layer="below")
-    figure.update_layout(title=dict(text=f"Seconds that drive \"{explanation.label}\" (darker: more)"))
+    label = html.escape(explanation.label)  # plotly titles take HTML-like markup; a finding is typed text
+    figure.update_layout(title=dict(text=f"Seconds that drive \"{label}\" (darker: more)"))
     return figure
 
 
