@@ -171,6 +171,27 @@ def test_pipeline_binds_three_published_teachers_and_exports_a_loadable_model(ti
     assert np.allclose(json.loads(out.stdout.strip().splitlines()[-1]), bound.embed_text(phrase), atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_torchrun_binds_the_tiny_teachers_with_two_gloo_ranks_in_step(tiny, tmp_path):
+    """Two CPU processes (gloo) stand in for two GPUs: stage 1 (contrastive over both ranks' pairs, the shared
+    texts split between them) and stage 2 end with identical weights in both, and rank 0's export loads."""
+    import m3bind
+
+    root, _ = tiny
+    env = {**os.environ, "HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "train.published", "--config", str(REPO / "train" / "configs" / "published_tiny.yaml"),
+               "--export-dir", str(tmp_path / "ddp")]
+    out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "stage 1 teachers: identical in all 2 processes" in out.stdout
+    assert "stage 2 student: identical in all 2 processes" in out.stdout
+    model = m3bind.load_model(tmp_path / "ddp", device="cpu")
+    assert set(model.modalities) == {"xray", "retina", "pathology", "ecg"}
+    assert model.embed_text(["Normal sinus rhythm."]).shape == (1, 64)
+
+
 def test_unknown_teacher_type_is_refused():
     from train.published.teachers import TeacherPlan
 

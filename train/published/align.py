@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from m3bind import M3BindModel
 
-from ..losses import match_matrix, pairwise_alignment
+from .. import distributed
+from ..losses import gather_across_ranks, match_matrix, pairwise_alignment
 from ..stages import ModalityData, _schedule, augment, fit_centres
 from .lora import adaptable, add_qv_lora, merge_qv_lora
 
@@ -126,10 +127,33 @@ def soft_contrastive(image: torch.Tensor, text: torch.Tensor, matches: torch.Ten
 class TeacherBatch:
     """One teacher's share of a step, already on the device."""
 
-    pixels: torch.Tensor
+    pixels: torch.Tensor  # this rank's share of the batch
     tokens: dict[str, torch.Tensor]
-    matches: torch.Tensor  # (B, B) 0/1
+    matches: torch.Tensor  # (B, B) 0/1, over the whole batch (every rank's share)
     shared: dict[str, torch.Tensor] | None  # the shared texts, in this teacher's tokens (None: no alignment)
+
+
+class _TeachersLoss(nn.Module):
+    """Every teacher's forward behind one module: DDP allows one forward of what it wraps per backward. Under
+    torchrun the contrastive losses see every rank's pairs (gathered; ``matches`` spans the whole batch), and the
+    MSE of this rank's share of the shared texts, averaged by DDP, is the MSE of all of them."""
+
+    def __init__(self, teachers: dict[str, M3BindModel]):
+        super().__init__()
+        self.teachers = nn.ModuleDict(teachers)
+        self.scales = {m: t.config.logit_scale for m, t in teachers.items()}
+
+    def forward(self, batches: dict[str, TeacherBatch]) -> tuple[torch.Tensor, torch.Tensor]:
+        own, shared = [], []
+        for m, b in batches.items():
+            model = self.teachers[m]
+            image = gather_across_ranks(F.normalize(model.tower_for(m)(b.pixels).float(), dim=-1))
+            text = gather_across_ranks(F.normalize(model.text(b.tokens).float(), dim=-1))
+            own.append(soft_contrastive(image, text, b.matches, self.scales[m]))
+            if b.shared is not None:
+                shared.append(F.normalize(model.text(b.shared).float(), dim=-1))
+        own = torch.stack(own).sum()
+        return own, pairwise_alignment(shared) if shared else torch.zeros_like(own)
 
 
 class AlignStep:
@@ -141,21 +165,9 @@ class AlignStep:
         cuda = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=cuda)
         self.scheduler = _schedule(self.optimizer, max(1, cfg.steps))  # warm-up, then cosine: as every stage
-        self.scales = {m: t.config.logit_scale for m, t in teachers.items()}
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and cuda)
+        self._loss = distributed.wrap(_TeachersLoss(teachers))
         self.loss = torch.compile(self._loss) if cfg.compile else self._loss
-
-    def _loss(self, batches: dict[str, TeacherBatch]) -> tuple[torch.Tensor, torch.Tensor]:
-        own, shared = [], []
-        for m, b in batches.items():
-            model = self.teachers[m]
-            image = F.normalize(model.tower_for(m)(b.pixels).float(), dim=-1)
-            text = F.normalize(model.text(b.tokens).float(), dim=-1)
-            own.append(soft_contrastive(image, text, b.matches, self.scales[m]))
-            if b.shared is not None:
-                shared.append(F.normalize(model.text(b.shared).float(), dim=-1))
-        own = torch.stack(own).sum()
-        return own, pairwise_alignment(shared) if shared else torch.zeros_like(own)
 
     def __call__(self, batches: dict[str, TeacherBatch]) -> tuple[torch.Tensor, torch.Tensor]:
         """Train one step; the (own, alignment) losses come back as device tensors (reading them waits)."""
@@ -177,10 +189,13 @@ def host_batch(model: M3BindModel, data: ModalityData, batch, shared: Sequence[s
                device: torch.device) -> TeacherBatch:
     """Everything one teacher's step needs, prepared on the host (augmentation, tokens, soft targets); ``pixels``
     are an ECG tower's signals for an ECG teacher."""
-    inputs = data.inputs[torch.from_numpy(batch.rows)].float()
+    mine = distributed.shard(np.arange(len(batch.rows)))  # every rank drew the same batch: this rank's share
+    inputs = data.inputs[torch.from_numpy(batch.rows[mine])].float()
     pixels = augment(inputs, "ecg" if inputs.dim() == 3 else "image", generator)
     inputs = to_device({"pixels": pixels, "matches": match_matrix(batch.keys, batch.text_keys, None)}, device)
-    return TeacherBatch(inputs["pixels"], to_device(model.text.tokenize(batch.texts), device), inputs["matches"],
+    texts = [batch.texts[i] for i in mine]
+    shared = [shared[i] for i in distributed.shard(np.arange(len(shared)))]
+    return TeacherBatch(inputs["pixels"], to_device(model.text.tokenize(texts), device), inputs["matches"],
                         to_device(model.text.tokenize(shared), device))
 
 
@@ -191,18 +206,20 @@ def align(teachers: dict[str, M3BindModel], data: dict[str, ModalityData], share
     for model in teachers.values():
         model.train()
     step = AlignStep(teachers, cfg, device)
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
-    streams = {m: d.batches(min(cfg.batch_size, len(d)), rng) for m, d in data.items()}
-    progress = tqdm(range(cfg.steps), desc="stage 1 align (published teachers)")
+    rng = np.random.default_rng(seed)  # the same draws in every process (each takes its share)
+    generator = torch.Generator().manual_seed(distributed.rank_seed(seed))
+    world = distributed.world_size()
+    streams = {m: d.batches(min(cfg.batch_size * world, len(d)), rng) for m, d in data.items()}
+    progress = tqdm(range(cfg.steps), desc="stage 1 align (published teachers)", disable=not distributed.is_main())
     for i in progress:
-        shared = [shared_texts[j] for j in rng.choice(len(shared_texts), min(cfg.shared_batch, len(shared_texts)),
-                                                      replace=False)]
+        size = min(cfg.shared_batch * world, len(shared_texts))
+        shared = [shared_texts[j] for j in rng.choice(len(shared_texts), size, replace=False)]
         batches = {m: host_batch(teachers[m], data[m], next(streams[m]), shared, generator, device) for m in teachers}
         own, aligned = step(batches)
         if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
             progress.set_postfix(contrastive=float(own) / len(teachers), align=float(aligned))
     for m, model in teachers.items():
+        distributed.sync_buffers(model)  # rank 0's BatchNorm statistics (an ECG or CNN tower) everywhere
         finish_teacher(model, m)
         fit_centres(model, {m: data[m]}, seed=seed)
     return teachers

@@ -1,6 +1,7 @@
 """Bind published CLIP models: teachers from checkpoints -> stage 1 (LoRA + text alignment) -> stage 2 -> export.
 
     python -m train.published --config train/configs/published.yaml
+    torchrun --standalone --nproc_per_node 8 -m train.published --config train/configs/published.yaml   # DDP
 
 Each teacher is a published CLIP-like checkpoint named in the config (open_clip ``hf-hub:``/``local-dir:``
 models such as BiomedCLIP or QuiltNet, Hugging Face ``CLIPModel``s such as PLIP), with its own tokenizer,
@@ -27,6 +28,7 @@ import yaml
 
 from m3bind import M3BindModel, TextTowerConfig
 
+from .. import distributed
 from ..captions import modality_texts, shared_text_corpus
 from ..stages import StageConfig, bind, distill, item_embeddings, load_modality_data, text_only_model
 from .align import AlignConfig, align
@@ -68,8 +70,9 @@ def distill_texts(data, modality: str, cfg: PublishedConfig, rng: np.random.Gene
 
 
 def run(cfg: PublishedConfig, device: str | torch.device | None = None) -> M3BindModel:
-    """Train every stage and write the bound model to ``cfg.export_dir``; returns it."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Train every stage and write the bound model to ``cfg.export_dir``; returns it. Under ``torchrun`` every
+    process trains (each its share of every batch; batch sizes are per process) and the first one exports."""
+    device = torch.device(device) if device else distributed.device()
     timings: dict[str, float] = {}
     t0 = time.time()
     dim = cfg.dim or max(embed_widths(cfg.teachers).values())
@@ -81,6 +84,7 @@ def run(cfg: PublishedConfig, device: str | torch.device | None = None) -> M3Bin
     timings["load"] = time.time() - t0
     t0 = time.time()
     align(teachers, data, shared, cfg.align, cfg.seed)
+    distributed.check_in_sync(teachers, "stage 1 teachers")
     timings["stage 1"] = time.time() - t0
     t0 = time.time()
     rng = np.random.default_rng(cfg.seed)
@@ -90,12 +94,15 @@ def run(cfg: PublishedConfig, device: str | torch.device | None = None) -> M3Bin
               if cfg.distill.relational_weight else None)
     distill(student, teachers, texts, cfg.distill, cfg.seed, None, images)
     timings["stage 2"] = time.time() - t0
+    distributed.check_in_sync({"student": student}, "stage 2 student")
     bound = bind(teachers, student, cfg.name)
     if cfg.export_dtype:
         bound.round_weights(getattr(torch, cfg.export_dtype))
-    bound.save_pretrained(cfg.export_dir, card=model_card(cfg, dim, timings),
-                          dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
-    (cfg.export_dir / "training.json").write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}) + "\n")
+    if distributed.is_main():
+        bound.save_pretrained(cfg.export_dir, card=model_card(cfg, dim, timings),
+                              dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
+        (cfg.export_dir / "training.json").write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}) + "\n")
+    distributed.barrier()
     return bound
 
 
@@ -135,5 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = PublishedConfig.from_yaml(args.config, data_root=args.data_root)
     if args.export_dir:
         cfg.export_dir = Path(args.export_dir)
-    run(cfg, args.device)
-    print(f"model written to {cfg.export_dir}")
+    distributed.setup()
+    try:
+        run(cfg, args.device)
+        if distributed.is_main():
+            print(f"model written to {cfg.export_dir}")
+    finally:
+        distributed.cleanup()
