@@ -31,7 +31,7 @@ from m3bind import M3BindModel
 
 from .. import distributed
 from ..losses import gather_across_ranks, match_matrix, pairwise_alignment
-from ..stages import ModalityData, _schedule, augment, fit_centres
+from ..stages import Batch, ModalityData, _schedule, augment, fit_centres
 from .lora import adaptable, add_qv_lora, merge_qv_lora
 
 
@@ -180,13 +180,14 @@ class AlignStep:
         return own.detach(), aligned.detach()
 
 
-def to_device(tokens: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Host tensors on the device without waiting for it (pinned first on CUDA, so the copy is asynchronous)."""
     pin = device.type == "cuda"
-    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in tokens.items()}
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in tensors.items()}
 
 
-def host_batch(model: M3BindModel, data: ModalityData, batch, shared: Sequence[str], generator: torch.Generator,
-               device: torch.device) -> TeacherBatch:
+def host_batch(model: M3BindModel, data: ModalityData, batch: Batch, shared: Sequence[str],
+               generator: torch.Generator, device: torch.device) -> TeacherBatch:
     """Everything one teacher's step needs, prepared on the host (augmentation, tokens, soft targets); ``pixels``
     are an ECG tower's signals for an ECG teacher."""
     mine = distributed.shard(np.arange(len(batch.rows)))  # every rank drew the same batch: this rank's share
