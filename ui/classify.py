@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
@@ -180,63 +181,80 @@ def render(tab: ClassifyTab) -> ClassifyInputs:
     """Lays the tab out and wires its events; returns the inputs other tabs use."""
     with gr.Row():
         with gr.Column(scale=2, min_width=320):
-            files = gr.File(label="Image, DICOM or ECG (for a WFDB record, select its .hea and .dat/.mat "
-                                  "together)", file_count="multiple", elem_id="upload")
-            gr.Markdown("**Examples** (from pydicom and scikit-image):")
-            with gr.Row():
-                examples = [(gr.Button(e.title, size="sm"), e.key) for e in EXAMPLES]
-            with gr.Row():
-                modality = gr.Dropdown(modality_choices(tab.ws), value=AUTO, label="Modality", scale=2,
-                                       info="Detected from the file; change it if the detection is wrong.")
-                # a text box: a number box shows an empty value as "0", which reads as a rate of 0 Hz
-                rate = gr.Textbox(label="ECG sampling rate (Hz)", scale=1, placeholder="e.g. 500", elem_id="rate",
-                                  info="Only for CSV/NPY ECGs that do not state it.")
-            with gr.Accordion("DICOM window", open=True, visible=False) as window_box:
-                with gr.Row():
-                    preset = gr.Dropdown(["File default", *WINDOW_PRESETS], value="File default", label="Preset",
-                                         scale=2, min_width=140)
-                    centre = gr.Number(label="Centre", precision=1, min_width=80)
-                    width = gr.Number(label="Width", precision=1, minimum=0, min_width=80)
-                apply_window = gr.Button("Apply window", size="sm")
-            file_window = gr.State(None)
-            labels = gr.Textbox(label="Candidate findings (one per line)", lines=6, elem_id="findings",
-                                placeholder="Upload a file to get the modality's default findings")
-            keep = gr.Checkbox(False, label="Keep my findings for the next file", elem_id="keep-findings",
-                               info="Otherwise each new file starts from its modality's default findings.")
-            classify_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
+            upload = _upload_column(tab)
         with gr.Column(scale=3):
-            status = gr.Markdown("Upload a file or pick an example.", elem_id="status")
-            preview = gr.Image(label="Preview", interactive=False, format="png", height=360, buttons=["fullscreen"])
-            ecg_plot = gr.Plot(label="ECG", visible=False, elem_id="ecg-plot")
-            prob_plot = gr.Plot(label="Probabilities", elem_id="prob-plot")
-            prob_json = gr.JSON(label="Probabilities (JSON)", visible=False)
-            with gr.Accordion("Why this finding?", open=False, elem_id="explain-box"):
-                explain_button = gr.Button("Explain the top finding", size="sm", elem_id="explain-button")
-                explain_note = gr.Markdown(elem_id="explain-note")
-                words = gr.HighlightedText(label="Words of the finding", show_legend=False, elem_id="explain-words")
-                heatmap = gr.Image(label="Regions that drive it", interactive=False, format="png", height=360,
-                                   visible=False, elem_id="explain-heatmap")
-                ecg_shaded = gr.Plot(label="Seconds that drive it", visible=False, elem_id="explain-ecg")
+            results = _result_column()
+    page = SimpleNamespace(**upload, **results)
+    _wire(tab, page)
+    return ClassifyInputs(page.files, page.modality, page.centre, page.width, page.rate)
 
-    inputs = ClassifyInputs(files, modality, centre, width, rate)
-    classify_inputs = [files, modality, labels, centre, width, rate]
-    classified = [status, prob_plot, prob_json]
-    shown = [status, preview, ecg_plot]
-    opened = [status, preview, ecg_plot, modality, labels, window_box, centre, width, file_window, prob_plot,
-              prob_json]
-    files.change(tab.open_file, [files, labels, rate, keep], opened, api_name="open_file")
-    rate.submit(tab.open_file, [files, labels, rate, gr.State(True)], opened, api_name=False)  # the same file
-    classify_button.click(tab.classify, classify_inputs, classified, api_name="classify")
-    labels.submit(tab.classify, classify_inputs, classified, api_name=False)
-    modality.input(tab.change_modality, [files, modality, labels, rate], labels, api_name="default_findings").success(
+
+def _upload_column(tab: ClassifyTab) -> dict[str, Any]:
+    files = gr.File(label="Image, DICOM or ECG (for a WFDB record, select its .hea and .dat/.mat together)",
+                    file_count="multiple", elem_id="upload")
+    gr.Markdown("**Examples** (from pydicom and scikit-image):")
+    with gr.Row():
+        examples = [(gr.Button(e.title, size="sm"), e.key) for e in EXAMPLES]
+    with gr.Row():
+        modality = gr.Dropdown(modality_choices(tab.ws), value=AUTO, label="Modality", scale=2,
+                               info="Detected from the file; change it if the detection is wrong.")
+        # a text box: a number box shows an empty value as "0", which reads as a rate of 0 Hz
+        rate = gr.Textbox(label="ECG sampling rate (Hz)", scale=1, placeholder="e.g. 500", elem_id="rate",
+                          info="Only for CSV/NPY ECGs that do not state it.")
+    with gr.Accordion("DICOM window", open=True, visible=False) as window_box:
+        with gr.Row():
+            preset = gr.Dropdown(["File default", *WINDOW_PRESETS], value="File default", label="Preset", scale=2,
+                                 min_width=140)
+            centre = gr.Number(label="Centre", precision=1, min_width=80)
+            width = gr.Number(label="Width", precision=1, minimum=0, min_width=80)
+        apply_window = gr.Button("Apply window", size="sm")
+    labels = gr.Textbox(label="Candidate findings (one per line)", lines=6, elem_id="findings",
+                        placeholder="Upload a file to get the modality's default findings")
+    keep = gr.Checkbox(False, label="Keep my findings for the next file", elem_id="keep-findings",
+                       info="Otherwise each new file starts from its modality's default findings.")
+    classify_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
+    return dict(files=files, examples=examples, modality=modality, rate=rate, window_box=window_box, preset=preset,
+                centre=centre, width=width, apply_window=apply_window, file_window=gr.State(None), labels=labels,
+                keep=keep, classify_button=classify_button)
+
+
+def _result_column() -> dict[str, Any]:
+    status = gr.Markdown("Upload a file or pick an example.", elem_id="status")
+    preview = gr.Image(label="Preview", interactive=False, format="png", height=360, buttons=["fullscreen"])
+    ecg_plot = gr.Plot(label="ECG", visible=False, elem_id="ecg-plot")
+    prob_plot = gr.Plot(label="Probabilities", elem_id="prob-plot")
+    prob_json = gr.JSON(label="Probabilities (JSON)", visible=False)
+    with gr.Accordion("Why this finding?", open=False, elem_id="explain-box"):
+        explain_button = gr.Button("Explain the top finding", size="sm", elem_id="explain-button")
+        explain_note = gr.Markdown(elem_id="explain-note")
+        words = gr.HighlightedText(label="Words of the finding", show_legend=False, elem_id="explain-words")
+        heatmap = gr.Image(label="Regions that drive it", interactive=False, format="png", height=360,
+                           visible=False, elem_id="explain-heatmap")
+        ecg_shaded = gr.Plot(label="Seconds that drive it", visible=False, elem_id="explain-ecg")
+    return dict(status=status, preview=preview, ecg_plot=ecg_plot, prob_plot=prob_plot, prob_json=prob_json,
+                explain_button=explain_button, explained=[explain_note, words, heatmap, ecg_shaded])
+
+
+def _wire(tab: ClassifyTab, page: SimpleNamespace) -> None:
+    """Every event of the tab, each to a ``ClassifyTab`` method; the named ones are API endpoints."""
+    p = page
+    view = [p.files, p.modality, p.centre, p.width, p.rate]
+    classify_inputs = [p.files, p.modality, p.labels, p.centre, p.width, p.rate]
+    classified = [p.status, p.prob_plot, p.prob_json]
+    shown = [p.status, p.preview, p.ecg_plot]
+    opened = [p.status, p.preview, p.ecg_plot, p.modality, p.labels, p.window_box, p.centre, p.width, p.file_window,
+              p.prob_plot, p.prob_json]
+    p.files.change(tab.open_file, [p.files, p.labels, p.rate, p.keep], opened, api_name="open_file")
+    p.files.change(tab.forget_explanation, None, p.explained, api_name=False, queue=False)
+    p.rate.submit(tab.open_file, [p.files, p.labels, p.rate, gr.State(True)], opened, api_name=False)  # same file
+    p.classify_button.click(tab.classify, classify_inputs, classified, api_name="classify")
+    p.labels.submit(tab.classify, classify_inputs, classified, api_name=False)
+    p.modality.input(tab.change_modality, [p.files, p.modality, p.labels, p.rate], p.labels,
+                     api_name="default_findings").success(tab.classify, classify_inputs, classified, api_name=False)
+    p.preset.input(tab.window_preset, [p.preset, p.file_window], [p.centre, p.width], api_name=False).success(
+        tab.show, view, shown, api_name=False).success(tab.classify, classify_inputs, classified, api_name=False)
+    p.apply_window.click(tab.show, view, shown, api_name="show").success(
         tab.classify, classify_inputs, classified, api_name=False)
-    preset.input(tab.window_preset, [preset, file_window], [centre, width], api_name=False).success(
-        tab.show, inputs.view, shown, api_name=False).success(tab.classify, classify_inputs, classified, api_name=False)
-    apply_window.click(tab.show, inputs.view, shown, api_name="show").success(
-        tab.classify, classify_inputs, classified, api_name=False)
-    explained = [explain_note, words, heatmap, ecg_shaded]
-    explain_button.click(tab.explain, classify_inputs, explained, api_name="explain")
-    files.change(tab.forget_explanation, None, explained, api_name=False, queue=False)
-    for button, key in examples:
-        button.click(functools.partial(tab.example, key), None, files, api_name=f"example_{key}")
-    return inputs
+    p.explain_button.click(tab.explain, classify_inputs, p.explained, api_name="explain")
+    for button, key in p.examples:
+        button.click(functools.partial(tab.example, key), None, p.files, api_name=f"example_{key}")
