@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import m3bind
-from train.captions import STATUS_CAPTIONS
+from train.captions import STATUS_CAPTIONS, status_reports
 from train.losses import (
     class_aware_contrastive, distillation, match_matrix, pairwise_alignment, relational_distillation, same_class_targets,
 )
@@ -94,6 +94,38 @@ def test_batches_mix_in_status_captions_only_for_items_with_a_known_status():
     assert 20 < used < 100  # about half of the 100 items with a status
     none = data.batches(6, np.random.default_rng(0))
     assert not any(t in status_texts for _ in range(5) for t in next(none).texts)
+
+
+def test_report_captions_replace_other_captions_with_a_report_of_the_items_status():
+    reports = {True: ("Lungs are clear.", "No acute disease."), False: ("Left lower lobe consolidation.",)}
+    data = ModalityData("xray", torch.zeros(6, 3, 4, 4), [("Pneumonia.",)] * 3 + [("Normal chest.",)] * 2 + [("?",)],
+                        [("p", 1)] * 3 + [("p", 0)] * 2 + [("p", -1)], [False, False, False, True, True, None],
+                        reports=reports)
+    batches = data.batches(6, np.random.default_rng(0), status_rate=0.2, report_rate=0.5)
+    status_texts = {t for texts in STATUS_CAPTIONS.values() for t in texts}
+    used = 0
+    for _ in range(20):
+        batch = next(batches)
+        for row, text, key in zip(batch.rows, batch.texts, batch.text_keys):
+            if text in status_texts:
+                continue
+            if text not in data.captions[row]:
+                used += 1
+                assert text in reports[data.normal[row]] and key == data.keys[row]  # keyed by the item's class
+    assert 15 < used < 60  # about 0.8 * 0.5 of the 100 items with a status
+    plain = data.batches(6, np.random.default_rng(0), status_rate=0.2)  # report_rate 0: no report, same draws
+    status_only = data.batches(6, np.random.default_rng(0), status_rate=0.2, report_rate=0.0)
+    assert all(next(plain).texts == next(status_only).texts for _ in range(5))
+
+
+def test_status_reports_pair_normal_and_parenchymal_iu_reports(shared_data):
+    reports = status_reports("xray", str(shared_data))
+    assert len(reports[True]) > 500 and len(reports[False]) > 300
+    assert not set(reports[True]) & set(reports[False])
+    assert not any("XXXX" in t for texts in reports.values() for t in texts)
+    assert sum("opacit" in t.lower() or "consolidat" in t.lower() or "airspace" in t.lower()
+               for t in reports[False]) > 0.6 * len(reports[False])
+    assert status_reports("ecg", str(shared_data)) == {True: (), False: ()}
 
 
 def test_class_balanced_batches_favour_rare_classes_by_the_chosen_power():

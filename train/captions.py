@@ -237,6 +237,41 @@ def _iu_xray(text_dir: Path) -> list[str]:
     return unique(out)
 
 
+# IU X-ray report problems of the lung parenchyma, the findings the X-ray classes' pneumonias share.
+PARENCHYMAL_PROBLEMS = frozenset({"opacity", "pneumonia", "consolidation", "infiltrate", "airspace disease",
+                                  "pulmonary edema"})
+
+
+def _iu_reports_by_status(text_dir: Path) -> dict[bool, list[str]]:
+    """Whole IU X-ray reports (indication, findings, impression) of normal studies and of studies with a
+    parenchymal finding; sentences with the "XXXX" anonymisation marks or spreadsheet debris are dropped, and
+    so is a text found under both statuses."""
+    path = text_dir / "iu_xray_reports.csv"
+    out: dict[bool, list[str | None]] = {True: [], False: []}
+    for row in read_csv(path) if path.is_file() else []:
+        problems = {p.strip().lower() for p in (row.get("Problems") or "").split(";")}
+        normal = problems == {"normal"}
+        if normal or problems & PARENCHYMAL_PROBLEMS:
+            parts = [(row.get(k) or "").strip().rstrip(".;") for k in ("indication", "findings", "impression")]
+            sentences = re.split(r"(?<=[.;])\s+", ". ".join(p for p in parts if p) + ".")
+            out[normal].append(clean_text(" ".join(s for s in sentences if s[:1].isalpha() and "XXXX" not in s)))
+    both = {t.casefold() for t in unique(out[True])} & {t.casefold() for t in unique(out[False])}
+    return {status: [t for t in unique(texts) if t.casefold() not in both] for status, texts in out.items()}
+
+
+# Real reports of whole studies per modality, keyed by whether the study was normal: stage 3 pairs them with
+# that modality's items of the same status, so report-like text (a history, findings) lands among them.
+STATUS_REPORT_SOURCES: dict[str, Callable[[Path], dict[bool, list[str]]]] = {"xray": _iu_reports_by_status}
+
+
+@lru_cache(maxsize=16)
+def status_reports(modality: str, data_root: str | None = None) -> dict[bool, tuple[str, ...]]:
+    """``STATUS_REPORT_SOURCES``' reports of one modality (empty for a modality without a source)."""
+    source = STATUS_REPORT_SOURCES.get(modality)
+    found = source(resolve_data_root(data_root) / "text") if source else {}
+    return {status: tuple(found.get(status, ())) for status in (True, False)}
+
+
 def _roco(kind: str) -> Callable[[Path], list[str]]:
     def load(text_dir: Path) -> list[str]:
         files = sorted((text_dir / "roco").glob(f"*_{kind}_captions.txt"))

@@ -39,7 +39,7 @@ from m3bind.config import EcgTowerConfig, ImageTowerConfig
 from m3bind.encoders import CnnEnsemble
 
 from . import distributed
-from .captions import STATUS_CAPTIONS
+from .captions import STATUS_CAPTIONS, status_reports
 from .data import load_dataset
 from .losses import class_aware_contrastive, distillation, pairwise_alignment, relational_distillation
 
@@ -57,14 +57,18 @@ class ModalityData:
     # (views, N, C, h, w) float16: a tower's frozen stages' output per item (``lower_features``), computed once
     # and shared by every stage, since frozen stages are the same base weights in every model of a run
     lower: torch.Tensor | None = None
+    # real reports of whole studies of this modality, by normal status (``captions.status_reports``)
+    reports: dict[bool, tuple[str, ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def batches(self, batch_size: int, rng: np.random.Generator, status_rate: float = 0.0,
-                class_balance: float = 0.0) -> Iterator[Batch]:
+                class_balance: float = 0.0, report_rate: float = 0.0) -> Iterator[Batch]:
         """Endless shuffled batches with one randomly drawn caption per item; with probability
-        ``status_rate`` an item's caption is instead a ``STATUS_CAPTIONS`` one (keyed by the status).
+        ``status_rate`` an item's caption is instead a ``STATUS_CAPTIONS`` one (keyed by the status), and
+        otherwise with probability ``report_rate`` a real report of a study of the item's status (keyed by the
+        item's class: a report of another patient with that finding is true of it).
 
         ``class_balance`` > 0 draws each batch with item weights (its class's item count) ** -class_balance
         instead of passing through epochs: a macro AUC counts a rare class (a retina grade) as much as a common one."""
@@ -86,6 +90,8 @@ class ModalityData:
                 for i, key, tag in zip(idx, keys, tags):
                     if self.normal[i] is not None and rng.random() < status_rate:
                         options, key = STATUS_CAPTIONS[self.normal[i]], tag
+                    elif report_rate and self.reports.get(self.normal[i]) and rng.random() < report_rate:
+                        options = self.reports[self.normal[i]]
                     else:
                         options = self.captions[i]
                     texts.append(options[rng.integers(len(options))])
@@ -127,7 +133,8 @@ def load_modality_data(model: M3BindModel, modality: str, datasets: Sequence[str
             normal.append(classes <= normal_classes if classes else None)
     if not inputs:
         raise ValueError(f"No {split} pairs of modality {modality!r} in {list(datasets)}.")
-    return ModalityData(modality, torch.stack(inputs), captions, keys, normal)
+    return ModalityData(modality, torch.stack(inputs), captions, keys, normal,
+                        reports=status_reports(modality, data_root))
 
 
 FLIP_DIMS = {"horizontal": -1, "vertical": -2}
@@ -377,6 +384,7 @@ class StageConfig:
     tower_head_only: bool = False  # stage 1: adapt only the towers' output heads
     shared_batch: int = 64  # stage 1: shared texts per step
     status_captions: float = 0.0  # share of captions replaced by a modality-independent normal/abnormal one
+    report_captions: float = 0.0  # stage 3: share of the other captions replaced by a real report (same status)
     relational_weight: float = 0.0  # stage 2: weight of relational_distillation (needs the teachers' images)
     class_weight: float = 0.0  # stages 1, 2: keep each teacher's choice among its datasets' classes (zero-shot)
     flips: tuple[str, ...] = ()  # image flips (keys of FLIP_DIMS) that keep this modality's labels true
@@ -695,7 +703,8 @@ def joint(model: M3BindModel, data: dict[str, ModalityData], cfg: StageConfig, s
     features = {m: body_features(model, d) for m, d in data.items()}
     seed = distributed.rank_seed(seed)
     rng = np.random.default_rng(seed)
-    batches = {m: d.batches(min(cfg.batch_size, len(d)), rng, cfg.status_captions) for m, d in data.items()}
+    batches = {m: d.batches(min(cfg.batch_size, len(d)), rng, cfg.status_captions,
+                            report_rate=cfg.report_captions) for m, d in data.items()}
     log_scale = nn.Parameter(torch.tensor(math.log(model.config.logit_scale), device=model.device))
     optimizer = torch.optim.AdamW([{"params": tower_params, "lr": cfg.tower_lr},
                                    {"params": list(model.text.proj.parameters()) + [log_scale]}],
