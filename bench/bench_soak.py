@@ -65,12 +65,16 @@ def client_loop(url: str, inputs: list[list[Path]], seed: int, until: float, res
                 ) -> None:
     from gradio_client import Client
 
-    client, rng = Client(url, verbose=False), random.Random(seed)
+    client, rng = None, random.Random(seed)
     while time.time() < until:
-        name, args = calls(rng, inputs)
+        # connecting fetches the API description, which a busy server may not give in time: counted, retried
+        name, args = ("(connect)", None) if client is None else calls(rng, inputs)
         began = time.perf_counter()
         try:
-            client.predict(*args, api_name=name)
+            if client is None:
+                client = Client(url, verbose=False)
+            else:
+                client.predict(*args, api_name=name)
             outcome = None
         except Exception as exc:  # every failure is counted and its first words kept
             outcome = f"{type(exc).__name__}: {str(exc)[:160]}"
