@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import InputError, MissingFileError
+from .errors import ConfigError, InputError, MissingFileError
 from .readers import load_input
 
 PathLike = str | os.PathLike
@@ -256,9 +256,9 @@ def embed_files(
     and at its end, where anything was added.
     """
     if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
+        raise ConfigError("batch_size must be at least 1")
     if save_to is not None and library is None:
-        raise ValueError("save_to needs a library")
+        raise ConfigError("save_to needs a library")
     if device is not None:
         model.to(device)
     if library is not None:

@@ -151,3 +151,5 @@ def test_names_stay_out_of_the_library_and_copies_are_embedded_once(model, image
     assert len(saved) == 5 and all(saved.item(int(i))["source"] is None for i in ids)
     raw = (tmp_path / "lib" / "items.sqlite").read_bytes() + json.dumps(result.items).encode()
     assert b"Doe" not in raw and not any(f.stem.encode() in raw for f in files)
+    with pytest.raises(m3bind.ConfigError, match="save_to needs a library"):  # a developer's fault
+        embed_files(model, folder, save_to=tmp_path / "lib2", progress=False)
