@@ -213,7 +213,7 @@ def main() -> None:
                 report("  the same through gradio_client",
                        timed(lambda: client.predict([handle_file(f) for f in files], "auto", "\n".join(labels),
                                                     None, None, None, api_name="/classify"), args.runs))
-                report(f"  in process: read + model.classify",
+                report("  in process: read + model.classify",
                        timed(lambda: model.classify(m3bind.load_input(files if len(files) > 1 else files[0]), labels),
                              args.runs))
 

@@ -6,7 +6,6 @@ and no file name may reach the library, the result or the output."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
