@@ -17,6 +17,7 @@ from m3bind.readers.ecg import LEADS
 from conftest import SHARED_DATA
 
 MITBIH = SHARED_DATA / "ecg" / "wfdb"
+PTBXL = SHARED_DATA / "ecg" / "ptbxl" / "records100" / "00000" / "00158_lr"  # 12 leads, 100 Hz, 1000 samples
 CINC = SHARED_DATA / "ecg" / "cinc2021"
 
 
@@ -73,6 +74,18 @@ def _frank_only(tmp: Path) -> Path:
 
 def _mitbih_header(old: str = "", new: str = "") -> str:
     return (MITBIH / "100.hea").read_text().replace(old, new)
+
+
+def _ptbxl(tmp: Path, edit) -> list[Path]:
+    """A real PTB-XL record whose header text went through ``edit`` (its signal file read in place)."""
+    header = tmp / "00158_lr.hea"
+    header.write_text(edit(PTBXL.with_suffix(".hea").read_text()))
+    return [header, PTBXL.with_suffix(".dat")]
+
+
+def _record_line(fields: str):
+    """An edit that replaces a PTB-XL header's record line ("00158_lr 12 100 1000") by ``fields``."""
+    return lambda text: text.replace("00158_lr 12 100 1000", fields, 1)
 
 
 needs_data = pytest.mark.shared_data  # through the shared_data fixture: skipped without the data, failed in CI
@@ -147,6 +160,41 @@ CASES = [
                                       _bytes(t / "100.dat", (MITBIH / "100.dat").read_bytes()[:3000])], {}),
          CorruptFileError, "truncated", data=True),
     case("mat_random_bytes", lambda t: (_cinc_with_random_mat(t), {}), CorruptFileError, "truncated", data=True),
+    # Truncated or odd WFDB headers of a real PTB-XL record: each a readable refusal, never a bare Python error
+    # (a header cut to its first bytes raised TypeError) nor a silently wrong reading (a rate of -100 read as 250 Hz).
+    case("hea_cut_after_signal_count", lambda t: (_ptbxl(t, lambda h: "00003_lr 1"), {}), CorruptFileError,
+         "declares 1 signal but describes 0", data=True),
+    case("hea_cut_mid_signal_lines", lambda t: (_ptbxl(t, lambda h: h[:300]), {}), CorruptFileError,
+         "declares 12 signals but describes 6", data=True),
+    case("hea_record_name_only", lambda t: (_ptbxl(t, lambda h: "00158_lr\n"), {}), CorruptFileError,
+         "number of signals", data=True),
+    case("hea_empty", lambda t: (_ptbxl(t, lambda h: ""), {}), CorruptFileError, "empty", data=True),
+    case("hea_more_signals_than_lines", lambda t: (_ptbxl(t, _record_line("00158_lr 13 100 1000")), {}),
+         CorruptFileError, "describes 12", data=True),
+    case("hea_signal_count_not_a_number", lambda t: (_ptbxl(t, _record_line("00158_lr twelve 100 1000")), {}),
+         CorruptFileError, "number of signals", data=True),
+    case("hea_rate_text", lambda t: (_ptbxl(t, _record_line("00158_lr 12 fast 1000")), {}), CorruptFileError,
+         "sampling frequency ('fast')", data=True),
+    case("hea_rate_zero", lambda t: (_ptbxl(t, _record_line("00158_lr 12 0 1000")), {}), CorruptFileError,
+         "sampling frequency ('0') is not a positive", data=True),
+    case("hea_rate_negative", lambda t: (_ptbxl(t, _record_line("00158_lr 12 -100 1000")), {}), CorruptFileError,
+         "sampling frequency ('-100') is not a positive", data=True),
+    case("hea_rate_nan", lambda t: (_ptbxl(t, _record_line("00158_lr 12 nan 1000")), {}), CorruptFileError,
+         "sampling frequency ('nan')", data=True),
+    case("hea_length_text", lambda t: (_ptbxl(t, _record_line("00158_lr 12 100 long")), {}), CorruptFileError,
+         "signal length ('long')", data=True),
+    case("hea_length_negative", lambda t: (_ptbxl(t, _record_line("00158_lr 12 100 -1000")), {}), CorruptFileError,
+         "signal length ('-1000')", data=True),
+    case("hea_length_10e40", lambda t: (_ptbxl(t, _record_line("00158_lr 12 100 1" + "0" * 40)), {}),
+         InputTooLargeError, "at most", data=True),
+    case("hea_10e11_channels", lambda t: (_ptbxl(t, _record_line("00158_lr 99999999999 100 1000")), {}),
+         InputTooLargeError, "at most 64", data=True),
+    case("hea_signal_line_without_format", lambda t: (_ptbxl(t, lambda h: h.replace(".dat 16 ", ".dat ")), {}),
+         CorruptFileError, "signal line 1 does not start", data=True),
+    case("hea_unknown_storage_format", lambda t: (_ptbxl(t, lambda h: h.replace(".dat 16 ", ".dat 999 ")), {}),
+         UnsupportedFormatError, "storage format 999", data=True),
+    case("hea_zero_samples_per_frame", lambda t: (_ptbxl(t, lambda h: h.replace(".dat 16 ", ".dat 16x0 ")), {}),
+         CorruptFileError, "0 samples per frame", data=True),
 ]
 
 
@@ -160,6 +208,13 @@ def test_malformed_ecg_is_refused_readably(tmp_path, build, error, words):
     assert type(caught.value) is not InputError, "a refusal names its kind: one of the InputError subclasses"
     assert words.lower() in message.lower(), message
     assert len(message) > 10 and "Traceback" not in message and "Errno" not in message
+
+
+@pytest.mark.shared_data
+def test_intact_ptbxl_header_still_reads(tmp_path):
+    """The header checks refuse only broken headers: the same record, unedited and with a comment, reads."""
+    sample = m3bind.load_input(_ptbxl(tmp_path, lambda h: "# a comment line\n" + h + "# age: 56\n"))
+    assert sample.meta["fs_original"] == 100 and sample.meta["leads_present"] == list(LEADS)
 
 
 def test_readers_never_raise_the_bare_input_error():

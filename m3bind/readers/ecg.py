@@ -24,7 +24,9 @@ ECG means the same to the model whatever file it came in:
   dropped); CSV/NPY values are taken as mV unless a CSV column name says otherwise ("V1 (uV)").
 * **WFDB frames.** A header may leave out the signal length (it then comes from the signal file's size).
   A channel with several samples per frame is read at its own rate, fs x samps_per_frame
-  (``meta["samples_per_frame"]``), never as frame averages.
+  (``meta["samples_per_frame"]``), never as frame averages. The header's fields are checked before wfdb
+  reads it: a truncated header, a count of signal lines other than declared, a non-numeric or non-positive
+  rate or length, or an unknown storage format is a ``CorruptFileError`` (or ``UnsupportedFormatError``).
 * **CSV** lines starting with ``#`` are comments, skipped before anything else (the delimiter included).
 * **Sampling rate** of a CSV/NPY: given by the caller, else from a CSV time column; else only a
   10-s length at a common rate is recognised (1000/1250/2500/5000/10000 samples = 100/125/250/500/
@@ -81,6 +83,13 @@ _MS_TOKENS = {"ms", "msec", "msecs", "millisecond", "milliseconds"}
 # Bytes per sample of the fixed-width WFDB signal formats (used to spot truncated files before reading).
 _WFDB_BYTES_PER_SAMPLE = {"8": 1.0, "80": 1.0, "16": 2.0, "61": 2.0, "160": 2.0, "212": 1.5, "24": 3.0,
                           "32": 4.0, "310": 4 / 3, "311": 4 / 3}
+_WFDB_FORMATS = {*_WFDB_BYTES_PER_SAMPLE, "508", "516", "524"}  # the fixed-width ones and FLAC
+# The fields of a WFDB header's record and signal lines, as the spec writes them (checked before wfdb parses).
+_WFDB_RECORD_NAME = re.compile(r"[-\w]+(?:/(\d+))?")
+_WFDB_FS = re.compile(r"(\d+\.?\d*|\.\d+)(?:/[-\d.]*(?:\([-\d.]*\))?)?")
+_WFDB_SIGNAL_FORMAT = re.compile(r"(\d+)(?:x(\d+))?(?::\d+)?(?:\+\d+)?")
+_WFDB_FILE_NAME = re.compile(r"~|[-\w]+(?:\.\w+)?")
+_UNREADABLE = "Not a readable WFDB header: "
 
 
 def _tokens(name: str) -> list[str]:
@@ -314,6 +323,55 @@ def _frames_in_file(header: wfdb.Record, name: str, path: Path) -> int | None:
     return max(0, int((path.stat().st_size - offset) / (per_sample * frame)))
 
 
+def _check_record_line(fields: list[str]) -> int | None:
+    """The number of signals a header's record line declares (None for a multi-segment record), after
+    checking its fields; wfdb itself accepts odd values silently (a rate of -100 read as 250 Hz)."""
+    name = _WFDB_RECORD_NAME.fullmatch(fields[0])
+    if name is None or len(fields) < 2 or not fields[1].isdigit():
+        raise CorruptFileError(_UNREADABLE + "its first line must give the record name and the number of "
+                               "signals (e.g. \"100 2 360 650000\").")
+    if len(fields) > 2:
+        fs = _WFDB_FS.fullmatch(fields[2])
+        if fs is None or not 0 < float(fs.group(1)) < math.inf:
+            raise CorruptFileError(_UNREADABLE + f"its sampling frequency ({fields[2][:20]!r}) is not a "
+                                   "positive decimal number (e.g. 500).")
+    if len(fields) > 3 and not fields[3].isdigit():
+        raise CorruptFileError(_UNREADABLE + f"its signal length ({fields[3][:20]!r}) is not a whole number "
+                               "of samples.")
+    return None if name.group(1) else int(fields[1])
+
+
+def _check_signal_line(fields: list[str], number: int) -> None:
+    fmt = _WFDB_SIGNAL_FORMAT.fullmatch(fields[1]) if len(fields) > 1 else None
+    if not _WFDB_FILE_NAME.fullmatch(fields[0]) or fmt is None:
+        raise CorruptFileError(_UNREADABLE + f"its signal line {number} does not start with a signal file "
+                               "name and a storage format (e.g. \"100.dat 212\").")
+    if fmt.group(1) not in _WFDB_FORMATS:
+        raise UnsupportedFormatError(f"Signal line {number} of the WFDB header uses storage format "
+                                     f"{fmt.group(1)[:10]}, which is not a WFDB format.")
+    if fmt.group(2) is not None and int(fmt.group(2)) < 1:
+        raise CorruptFileError(_UNREADABLE + f"its signal line {number} gives 0 samples per frame.")
+
+
+def _check_header_text(text: str, limits: Limits) -> None:
+    """Refuse a truncated or malformed header with a readable ``CorruptFileError`` before wfdb reads it
+    (wfdb fails on those with bare Python errors, or reads them wrongly)."""
+    lines = [line.split("#", 1)[0].split() for line in text.splitlines()]
+    lines = [fields for fields in lines if fields]
+    if not lines:
+        raise CorruptFileError(_UNREADABLE + "it is empty (no record line).")
+    n_sig = _check_record_line(lines[0])
+    if n_sig is None:
+        return  # a multi-segment record: refused once wfdb has read it
+    if n_sig > limits.max_ecg_leads:
+        raise InputTooLargeError(f"The record has {n_sig} channels; at most {limits.max_ecg_leads} are accepted.")
+    if len(lines) - 1 != n_sig:
+        raise CorruptFileError(_UNREADABLE + f"it declares {n_sig} signal{'s' if n_sig != 1 else ''} but "
+                               f"describes {len(lines) - 1}: the header is truncated or damaged.")
+    for number, fields in enumerate(lines[1:], start=1):
+        _check_signal_line(fields, number)
+
+
 def _check_length(sig_len: int, limits: Limits) -> None:
     if sig_len > limits.max_ecg_samples:
         raise InputTooLargeError(f"The record has {sig_len} samples per lead; at most "
@@ -362,9 +420,6 @@ def _read_record_start(header_file: Path, uploads: Sequence[Path], limits: Limit
                 "Multi-segment WFDB records are not supported; upload a single-segment record.")
         if not header.n_sig:
             raise CorruptFileError(f"The WFDB header {header_file.name} declares no signals.")
-        if header.n_sig > limits.max_ecg_leads:
-            raise InputTooLargeError(
-                f"The record has {header.n_sig} channels; at most {limits.max_ecg_leads} are accepted.")
         per_frame = max(int(n or 1) for n in header.samps_per_frame)
         fs = _check_fs(header.fs * per_frame)  # the rate of the fastest channel: frames may hold several samples
         sig_len = header.sig_len
@@ -410,6 +465,7 @@ def read_wfdb(header_path: Path, limits: Limits, files: Sequence[Path] | None = 
         raise MissingFileError(f"File not found: {header_file.name}")
     if header_file.stat().st_size > _MAX_HEADER_BYTES:
         raise CorruptFileError(f"{header_file.name} is too large to be a WFDB header.")
+    _check_header_text(header_file.read_text(errors="replace"), limits)
     rec, sig_len = _read_record_start(header_file, uploads, limits)
 
     keep, dropped = [], []
