@@ -8,6 +8,7 @@ for a tower that starts from random weights.
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -124,6 +125,10 @@ class ModelConfig:
 # (an input kind, default "image"). A new tower type (e.g. a published teacher's) registers its class here and
 # its builder in ``m3bind.encoders.TOWER_BUILDERS``.
 TOWER_CONFIGS: dict[str, type] = {"image": ImageTowerConfig, "ecg": EcgTowerConfig}
+# Modules of m3bind that register further tower types when imported (``m3bind.published``: the image towers of
+# Hugging Face CLIP checkpoints); imported when a config names a type not registered yet, so that a saved model
+# of such a type parses (and then builds) like any other.
+TOWER_MODULES = (".published",)
 
 
 def register_tower_config(name: str, config_class: type) -> None:
@@ -135,6 +140,9 @@ def tower_config_from_dict(raw: dict[str, Any]) -> Any:
     """The one parser of a tower config (a saved model's ``config.json``, a training YAML): the class that its
     ``type`` or ``kind`` names, JSON lists as tuples (except inside ``vision_cfg``). ``raw`` is not changed."""
     name = raw.get("type", raw.get("kind", "image"))
+    if name not in TOWER_CONFIGS:
+        for module in TOWER_MODULES:
+            importlib.import_module(module, __package__)
     if name not in TOWER_CONFIGS:
         raise ConfigError(f"unknown tower type {name!r}; known: {', '.join(TOWER_CONFIGS)}")
     config_class = TOWER_CONFIGS[name]

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import published  # noqa: F401  (registers the tower types of published checkpoints: HF CLIPModel image towers)
 from .config import ModelConfig, default_config
 from .encoders import ImageTower, TextTower, build_tower
 from .errors import InputError, WrongModalityError
