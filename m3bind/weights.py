@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 
 def _minilm_dir() -> str:
@@ -47,7 +47,7 @@ def resolve_text_source(source: str) -> str:
     try:
         return PACKAGE_TEXT_MODELS[name]()
     except KeyError:
-        raise InputError(f"No installed package ships the text model {name!r}.") from None
+        raise ConfigError(f"No installed package ships the text model {name!r}.") from None
 
 
 def package_trunk_state(source: str, trunk: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -58,16 +58,16 @@ def package_trunk_state(source: str, trunk: torch.nn.Module) -> dict[str, torch.
     """
     name = package_name(source)
     if name not in PACKAGE_IMAGE_WEIGHTS:
-        raise InputError(f"No installed package ships image weights named {name!r}.")
+        raise ConfigError(f"No installed package ships image weights named {name!r}.")
     loader, _ = PACKAGE_IMAGE_WEIGHTS[name]
     packaged = [(k, v) for k, v in loader().items() if not k.startswith("_fc.")]
     target = trunk.state_dict()
     if len(packaged) != len(target):
-        raise InputError(f"The packaged {name} weights do not fit this architecture.")
+        raise ConfigError(f"The packaged {name} weights do not fit this architecture.")
     state = {}
     for (src_key, tensor), (dst_key, expected) in zip(packaged, target.items()):
         if tensor.shape != expected.shape:
-            raise InputError(f"The packaged {name} weights do not fit: {src_key} vs {dst_key}.")
+            raise ConfigError(f"The packaged {name} weights do not fit: {src_key} vs {dst_key}.")
         state[dst_key] = tensor
     return state
 

@@ -301,3 +301,29 @@ def test_one_parser_reads_every_tower_config_and_new_tower_types_register_into_i
                          modality_towers={"ecg": "ecg"})
     loaded = ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert loaded == config and isinstance(build_tower(loaded.towers["ecg"], 8), torch.nn.Linear)
+
+
+def test_a_saved_published_tower_type_parses_without_importing_its_module_first():
+    """The registry imports the modules that add tower types (``TOWER_MODULES``) when a config names a type it
+    does not know yet: a fresh process that only reads configs parses a Hugging Face CLIP tower config."""
+    code = ("import sys; from m3bind.config import tower_config_from_dict\n"
+            "assert 'm3bind.published' not in sys.modules\n"
+            "cfg = tower_config_from_dict({'type': 'hf-clip', 'source': 'org/plip', 'image_size': 224})\n"
+            "print(type(cfg).__module__, type(cfg).__name__, cfg.source)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["m3bind.published", "HFClipTowerConfig", "org/plip"]
+
+
+def test_a_config_naming_weights_no_package_ships_is_a_developer_fault():
+    """Which package's weights a tower starts from is written by a developer, not sent by a clinician."""
+    from m3bind.weights import package_trunk_state, resolve_text_source
+
+    with pytest.raises(ConfigError, match="text model 'no-such-model'") as raised:
+        resolve_text_source("package:no-such-model")
+    assert not isinstance(raised.value, m3bind.InputError)
+    with pytest.raises(ConfigError, match="image weights named 'no-such-net'"):
+        package_trunk_state("package:no-such-net", torch.nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match="do not fit this architecture"):
+        package_trunk_state("package:efficientnet-lite0", torch.nn.Linear(2, 2))

@@ -47,11 +47,8 @@ def detector_features(detector: ImageTower, datasets: dict[str, list[str]], spli
                 keep = np.random.default_rng(seed).choice(len(pairs), max_per_dataset, replace=False)
                 pairs = [pairs[i] for i in sorted(keep)]
             for start in tqdm(range(0, len(pairs), 64), desc=f"detector {name}/{split}", leave=False):
-                batch = []
-                for pair in pairs[start:start + 64]:
-                    sample = pair.load()
-                    stored = (sample.meta.get("height"), sample.meta.get("width"))
-                    batch.append(detector.preprocess(sample.data, None, stored if all(stored) else None))
+                # the colour input the model's modality detector reads (``M3BindModel.modality_probabilities``)
+                batch = [detector.prepare(pair.load(), keep_colour=True) for pair in pairs[start:start + 64]]
                 features.append(detector.body(torch.stack(batch).to(next(detector.parameters()).device)).cpu())
                 labels += [index] * len(batch)
     return torch.cat(features), np.array(labels)

@@ -34,6 +34,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_d
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..errors import CorruptFileError, InputError, InputTooLargeError, OptionError, UnsupportedFormatError
+from ..kinds import IMAGE, input_kind
 from ..modalities import modality_for_dicom_code
 from ..sample import Sample
 from . import Limits, check_decoded_size
@@ -176,7 +177,7 @@ def _read_image(ds: Dataset, limits: Limits, window: tuple[float, float] | None)
         raise UnsupportedFormatError(f"DICOM images in the '{decoded_as}' colour model are not supported.")
 
     known = modality_for_dicom_code(meta.get("modality_code", ""))
-    if known is not None and known.kind == "image":
+    if known is not None and input_kind(known.kind) is IMAGE:  # a header may name a modality of another kind
         modality, meta["modality_source"] = known.name, "dicom"
     else:
         modality, meta["modality_source"] = guess_image_modality(rgb), "guess"
