@@ -234,7 +234,7 @@ class _Labelling:
 
 def _read_labels_csv(path: Path, keep_names: bool) -> dict[str, str]:
     """SHA-256 of each input the CSV names (every input under a folder it names) -> its label."""
-    from .batch import collect_inputs, input_sha256
+    from .inputs import collect_inputs, input_sha256
 
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -290,7 +290,7 @@ def _read(path: Path, modality: str | None, keep_names: bool) -> Any:
     except InputError as exc:
         if keep_names:
             raise
-        from .batch import collect_inputs, refusal
+        from .inputs import collect_inputs, refusal
 
         records, _ = collect_inputs(path)
         reason = refusal(records[0] if records else (path,), None, 0, str(exc), type(exc).__name__, False).reason
@@ -299,7 +299,7 @@ def _read(path: Path, modality: str | None, keep_names: bool) -> Any:
 
 def _input_name(path: Path, keep_names: bool) -> str:
     """How an input given on the command line is shown: as ``m3bind.batch`` names inputs in its reports."""
-    from .batch import collect_inputs, input_sha256, name_input
+    from .inputs import collect_inputs, input_sha256, name_input
 
     records, _ = collect_inputs(path)
     record = records[0] if records else (path,)

@@ -309,6 +309,28 @@ def test_help_and_argument_errors_import_no_torch_faiss_or_gradio():
     assert "usage: m3bind index" in run.stdout and "Give either a text query" in run.stderr
 
 
+def test_a_refused_file_imports_no_torch_or_scipy(tmp_path):
+    """Refusing a bad file is quick: the CLI's error path (the reader, then naming the input without its file
+    name) imports no torch, faiss or scipy (it imported torch through ``m3bind.batch``: 14 s and 730 MB)."""
+    (tmp_path / "not_an_image.png").write_text("hello\n")
+    (tmp_path / "00003_lr.hea").write_bytes(b"00003_lr 1")  # a WFDB header cut short
+    code = ("import runpy, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    sys.argv = ['m3bind', 'classify', name]\n"
+            "    try:\n"
+            "        runpy.run_module('m3bind', run_name='__main__')\n"
+            "    except SystemExit as exit:\n"
+            "        assert exit.code == 2, exit.code\n"
+            "print(sorted(m for m in ('torch', 'faiss', 'scipy', 'gradio', 'transformers') if m in sys.modules))\n")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "not_an_image.png"),
+                          str(tmp_path / "00003_lr.hea")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "[]"
+    errors = run.stderr.splitlines()
+    assert len(errors) == 2 and "not a supported format" in errors[0] and "declares 1 signal" in errors[1], errors
+    assert "not_an_image" not in run.stderr and "00003_lr" not in run.stderr
+
+
 def test_user_errors_exit_2_before_loading_a_model(tmp_path, capsys):
     assert main(["search", "-l", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "m3bind: error: Give either a text query or --file FILE, not both.\n"

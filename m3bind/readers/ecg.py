@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from scipy.signal import resample_poly
 
 from ..errors import (CorruptFileError, InputError, InputTooLargeError, MissingFileError, OptionError,
                       UnsupportedFormatError, WrongModalityError)
@@ -250,6 +249,8 @@ def sample_from_signal(signal: np.ndarray, fs: float, lead_names: Sequence[str],
     segment[np.isnan(segment)] = 0.0  # the gaps too long to interpolate: at the baseline
     ratio = Fraction(CANONICAL_FS / fs).limit_denominator(1000)
     if ratio != 1:
+        from scipy.signal import resample_poly  # on first use: ~2 s to import
+
         segment = resample_poly(segment, ratio.numerator, ratio.denominator, axis=0)
     n_valid = min(CANONICAL_SAMPLES, int(round(n_window * ratio)))
     data = np.zeros((len(LEADS), CANONICAL_SAMPLES), dtype=np.float32)
@@ -485,6 +486,8 @@ def read_wfdb(header_path: Path, limits: Limits, files: Sequence[Path] | None = 
     for (j, _, scale), n in zip(keep, per_frame):
         values = np.asarray(rec.e_p_signal[j], dtype=np.float64) * scale
         if n != top:
+            from scipy.signal import resample_poly
+
             step = Fraction(top, n)
             values = resample_poly(values, step.numerator, step.denominator)
         columns.append(values)
