@@ -6,8 +6,9 @@ a model bound from such a teacher (``train/published``) loads through ``m3bind.l
 its config names the checkpoint, its weights file holds only what training changed (merged LoRA, the
 projection into the shared space).
 
-Importing ``m3bind`` imports this module, which registers its tower types (``register_tower`` for the builder,
-``register_tower_config`` so that a saved config parses back into the right class).
+Importing this module registers its tower types (``register_tower`` for the builder, ``register_tower_config``
+so that a saved config parses back into the right class); ``m3bind.config`` imports it (``TOWER_MODULES``) when
+a config names a tower type nobody has registered yet.
 """
 
 from __future__ import annotations
