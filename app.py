@@ -65,9 +65,10 @@ def header(ws: Workspace) -> str:
 def build_app(model: Any = None, home: str | os.PathLike | None = None) -> gr.Blocks:
     """The whole page, wired to one model (loaded once here if not given) and its library."""
     private = private_dirs()  # before any component: Gradio's cache is the app's own folder
-    private.start_sweeper()
-    ws = Workspace(model if model is not None else m3bind.load_model(), home)
-    classify_tab, search_tab = classify.ClassifyTab(ws), search.SearchTab(ws, private.forget)
+    # decoded uploads are kept only as long as the uploads themselves (UPLOAD_TTL_S of disuse)
+    ws = Workspace(model if model is not None else m3bind.load_model(), home, cache_ttl_s=UPLOAD_TTL_S)
+    private.start_sweeper(ws.expire_cache)
+    classify_tab, search_tab = classify.ClassifyTab(ws), search.SearchTab(ws, private.results_folder)
     explore_tab, fewshot_tab = explore.ExploreTab(ws), fewshot.FewShotTab(ws)
     # Uploads (possibly DICOM files with patient identifiers in their headers) live in the app's private
     # folder and leave it after UPLOAD_TTL_S (see ui.private); the library keeps hashes and thumbnails.

@@ -47,8 +47,10 @@ from .search import search
 
 Progress = Callable[[float, str], None]
 # Decoded uploads are kept, so classify/search/explore of one upload decode it once; a 4000 px DICOM
-# decodes to ~190 MB, so the cache is bounded by bytes, not by count.
+# decodes to ~190 MB, so the cache is bounded by bytes, and by count (each entry's metadata and embedding).
 _CACHE_BYTES = 192 * 2**20
+_CACHE_ENTRIES = 64
+_GONE = "An uploaded file is no longer available (uploads are kept for a few minutes); upload it again."
 _ADD_BATCH = 32  # inputs decoded at a time when adding many files to the library
 PREVIEW_MIN_SIDE = 384  # smaller images are enlarged for the page
 
@@ -116,9 +118,55 @@ class KindView:
 KIND_VIEWS = {"image": KindView(_image_preview, _image_explained), "ecg": KindView(_ecg_preview, _ecg_explained)}
 
 
+class UploadCache:
+    """Decoded uploads and their embeddings, least recently used first out: at most ``max_bytes`` of decoded
+    data (the newest entry always stays) and ``max_entries`` entries, and none unused for ``ttl_s`` seconds
+    once ``expire`` runs (an upload's file is gone by then, so its entry could never be used again)."""
+
+    def __init__(self, max_bytes: int = _CACHE_BYTES, max_entries: int = _CACHE_ENTRIES,
+                 ttl_s: float | None = None):
+        self.max_bytes, self.max_entries, self.ttl_s = max_bytes, max_entries, ttl_s
+        self._entries: OrderedDict[tuple, tuple[Sample, np.ndarray | None, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(_nbytes(sample) for sample, _, _ in self._entries.values())
+
+    def get(self, key: tuple) -> tuple[Sample, np.ndarray | None] | None:
+        with self._lock:
+            if key not in self._entries:
+                return None
+            sample, vector, _ = self._entries.pop(key)
+            self._entries[key] = (sample, vector, time.monotonic())
+            return sample, vector
+
+    def put(self, key: tuple, sample: Sample, vector: np.ndarray | None) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+            self._entries[key] = (sample, vector, time.monotonic())
+            total = sum(_nbytes(s) for s, _, _ in self._entries.values())
+            while len(self._entries) > 1 and (total > self.max_bytes or len(self._entries) > self.max_entries):
+                total -= _nbytes(self._entries.popitem(last=False)[1][0])
+
+    def expire(self) -> int:
+        """Drops the entries unused for ``ttl_s`` seconds; returns how many."""
+        if self.ttl_s is None:
+            return 0
+        cutoff = time.monotonic() - self.ttl_s
+        with self._lock:
+            old = [key for key, (_, _, used) in self._entries.items() if used < cutoff]
+            for key in old:
+                del self._entries[key]
+        return len(old)
+
+
 class Workspace:
     def __init__(self, model: Any, home: str | os.PathLike | None = None, *, keep_names: bool = False,
-                 read_only: bool = False):
+                 read_only: bool = False, cache_ttl_s: float | None = None):
         self.model = model
         self.home = Path(home) if home is not None else default_home()
         self.keep_names = bool(keep_names)  # the owner's opt-in: store uploads' base names in the library
@@ -137,8 +185,7 @@ class Workspace:
         self.decode_size = max(decode_size(model, thumbnails=True), PREVIEW_SIDE)
         self.notice = ""  # a one-time remark for the user (e.g. a damaged library was set aside)
         self._write_lock = threading.Lock()
-        self._cache: OrderedDict[tuple, tuple[Sample, np.ndarray | None]] = OrderedDict()
-        self._cache_lock = threading.Lock()
+        self.cache = UploadCache(ttl_s=cache_ttl_s)  # decoded uploads (``expire_cache`` drops idle ones)
         self.maps = MapCache()
         self.library = self._open_library()
 
@@ -243,7 +290,7 @@ class Workspace:
             samples, items = [], []
             for i, record in enumerate(records):
                 if progress is not None:
-                    progress(i / max(1, len(records)), f"Reading and embedding {record[0].name}")
+                    progress(i / max(1, len(records)), f"Reading and embedding input {i + 1} of {len(records)}")
                 try:
                     sha = input_sha256(record)
                     if sha in known:
@@ -327,16 +374,18 @@ class Workspace:
         sample, vector = self._entry(files, options)
         if vector is None:
             vector = np.asarray(self.model.embed(sample), dtype=np.float32)
-            with self._cache_lock:
-                self._cache[key] = (sample, vector)
+            self.cache.put(key, sample, vector)
         return vector
+
+    def expire_cache(self) -> int:
+        """Drops the decoded uploads unused for ``cache_ttl_s`` seconds (run by the app's upload sweeper)."""
+        return self.cache.expire()
 
     def _entry(self, files: Any, options: ReadOptions) -> tuple[Sample, np.ndarray | None]:
         key = self._key(files, options)
-        with self._cache_lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
         records, refused = _records(files)
         if refused:
             raise InputError(refused[0][1])
@@ -347,10 +396,7 @@ class Workspace:
         sample = load_input(list(record) if len(record) > 1 else record[0], options.modality, window=options.window,
                             sampling_rate=options.sampling_rate, decode_size=self.decode_size)
         self.model.route(sample)  # a plain image's modality comes from the model's detector
-        with self._cache_lock:
-            self._cache[key] = (sample, None)
-            while len(self._cache) > 1 and sum(_nbytes(s) for s, _ in self._cache.values()) > _CACHE_BYTES:
-                self._cache.popitem(last=False)
+        self.cache.put(key, sample, None)
         return sample, None
 
     @staticmethod
@@ -360,7 +406,7 @@ class Workspace:
             try:
                 st = os.stat(p)
             except OSError:
-                raise InputError(f"The file {Path(p).name} is no longer available; upload it again.") from None
+                raise InputError(_GONE) from None  # no file name: names can be patient names
             parts.append((str(p), st.st_size, st.st_mtime_ns))
         return tuple(parts), options
 
@@ -497,7 +543,7 @@ def _records(files: Any) -> tuple[list[tuple[Path, ...]], list[tuple[str, str]]]
     side_by_side: dict[Path, Path] = {}
     for i, original in enumerate(Path(f) for f in _as_list(files)):
         if not original.is_file():
-            raise InputError(f"The file {original.name} is no longer available; upload it again.")
+            raise InputError(_GONE)
         name = Path("uploads", original.name)
         side_by_side[Path("uploads", f"dup{i}", original.name) if name in side_by_side else name] = original
     records, refused = group_records(list(side_by_side))

@@ -11,12 +11,14 @@ import stat
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pydicom
 import pytest
 from gradio_client import Client, handle_file
+from PIL import Image
 from pydicom.data import get_testdata_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,14 +120,13 @@ def test_uploads_live_in_a_private_folder_and_go_with_sigterm(app_process, dead_
     assert "**CT**" in status
     assert uploads_holding(mine / "uploads", MARKER)  # the upload is in the app's own folder
 
-    # an upload added to the library is deleted once read
+    # an upload added to the library stays until swept, like every upload (another client may share its file)
     ds = pydicom.dcmread(marked_dicom)
     ds.PatientID = MARKER + "-added"
     ds.save_as(tmp / "Roe_Richard.dcm")
     added = client.predict([handle_file(tmp / "Roe_Richard.dcm")], "", "auto", api_name="/add_to_library")[0]
     assert "Added **1**" in added
-    assert not uploads_holding(mine / "uploads", MARKER + "-added")
-    assert uploads_holding(mine / "uploads", MARKER)  # the one opened above stays until swept
+    assert uploads_holding(mine / "uploads", MARKER)  # stays until swept
     assert list((mine / "tmp").glob("m3bind-library-*"))  # the library's working copy is private too
 
     proc.send_signal(signal.SIGTERM)
@@ -154,9 +155,55 @@ def test_old_uploads_are_swept(tmp_path, monkeypatch):
         shutil.copy2(example, private.uploads / "example.dcm")
         assert private.sweep(1.0) == 1 and not old.exists() and not old.parent.exists() and new.exists()
         assert (private.uploads / "example.dcm").exists()
-        assert private.owns(new) and not private.owns("/tmp/gradio/x/a.dcm") and not private.owns(CT)
-        private.forget(new)
-        private.forget(CT)  # a file outside the upload folder is never deleted
-        assert not new.exists() and Path(CT).exists()
+        first, second = private.results_folder(), private.results_folder()  # one per response, never shared
+        assert first != second and first.parent == second.parent == private.uploads
+        private.sweep(1.0)
+        assert first.is_dir()  # a new (empty) one is about to be filled: kept
+        os.utime(first, (time.time() - 60, time.time() - 60))
+        private.sweep(1.0)
+        assert not first.exists() and second.is_dir()
     finally:
         private.remove()
+
+
+def test_concurrent_clients_share_uploads_and_results_safely_until_the_ttl(tmp_path, shared_data):
+    """Found by the soak (bench/bench_soak.py): Gradio stores uploads by content, so clients sending the same
+    bytes share one file, which /add_to_library deleted under the others' calls ("no longer available"); and
+    result images, named by content too, were rewritten by concurrent searches while being downloaded. Now
+    every concurrent call succeeds, every image downloads whole, and after the TTL nothing of it remains."""
+    ttl = 8
+    proc, url, log = start_app(tmp_path, M3BIND_UPLOAD_TTL=str(ttl))
+    try:
+        (mine,) = (tmp_path / "runtime").glob("app-*")
+        tiles = sorted((shared_data / "pathology" / "lc25000_lung" / "lung_n").glob("*.jpg"))[:3]
+        clients = [Client(url, verbose=False) for _ in range(6)]
+
+        def add(client: Client, tile: Path) -> str:
+            return client.predict([handle_file(tile)], "", "auto", api_name="/add_to_library")[0]
+
+        def classify(client: Client, tile: Path) -> dict:
+            return client.predict([handle_file(tile)], "auto", "normal\nmass", None, None, None,
+                                  api_name="/classify")[-1]
+
+        def search(client: Client) -> list:
+            return client.predict("lung tissue", [], 12, False, api_name="/search_text")[0]
+
+        with ThreadPoolExecutor(len(clients)) as pool:
+            for tile in tiles:  # the same bytes from four clients at once, two of them adding
+                calls = [pool.submit(f, c, tile) for f, c in zip((add, classify, add, classify), clients)]
+                outcomes = [call.result() for call in calls]  # an error is raised here
+                assert sum("Added **1**" in o for o in outcomes[::2]) == 1 and all(outcomes[1::2])
+            for _ in range(3):  # the same results for six clients at once
+                for shown in [call.result() for call in [pool.submit(search, c) for c in clients]]:
+                    assert shown
+                    for item in shown:
+                        with Image.open(item["image"]) as image:
+                            image.load()  # whole: a truncated or empty download raises here
+        uploads = mine / "uploads"
+        assert any(p.name.startswith("results-") for p in uploads.iterdir())
+        time.sleep(ttl + ttl / 2 + 4)  # past the TTL and the next sweep
+        assert not [p for p in uploads.rglob("*") if p.is_file()] and not list(uploads.iterdir())
+        assert "Traceback" not in log.read_text()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -4,12 +4,15 @@ that its searches go through the one search service."""
 from __future__ import annotations
 
 import shutil
+import time
 
+import numpy as np
 import pytest
 
 import m3bind
 from m3bind import search as service
-from m3bind.workspace import Workspace, _records
+from m3bind.sample import Sample
+from m3bind.workspace import ReadOptions, UploadCache, Workspace, _records
 
 
 @pytest.fixture
@@ -45,9 +48,13 @@ def test_same_named_uploads_stay_apart_and_a_lone_signal_file_is_refused(uploads
                                          f"({uploads[3].stem}.hea) is not beside it.")]
 
 
-def test_a_vanished_upload_is_a_readable_error(tmp_path):
-    with pytest.raises(m3bind.InputError, match="gone.png is no longer available; upload it again"):
-        _records([tmp_path / "gone.png"])
+def test_a_vanished_upload_is_a_readable_error_without_its_name(tmp_path):
+    """File names can be patient names: the message for an expired upload never quotes one."""
+    gone = tmp_path / "Doe_John.png"
+    for read in (lambda: _records([gone]), lambda: Workspace._key([gone], ReadOptions())):
+        with pytest.raises(m3bind.InputError, match="no longer available") as refused:
+            read()
+        assert "Doe" not in str(refused.value) and "John" not in str(refused.value)
     with pytest.raises(m3bind.InputError, match="Upload a file first"):
         _records([])
 
@@ -131,3 +138,29 @@ def test_untrained_is_told_by_the_weights_not_the_name(tiny_model, tmp_path):
     fitted = copy.deepcopy(tiny_model)
     fitted.set_centre("xray", fitted.embed([ws.read(str(ws.example_path("ct")))]))
     assert Workspace(fitted, tmp_path / "home2").trained and fitted.config.name == tiny_model.config.name
+
+
+def image_of(megabytes: int) -> Sample:
+    side = int((megabytes * 2**20 / 12) ** 0.5)  # float32 RGB data, no preview
+    return Sample("xray", np.zeros((side, side, 3), np.float32), np.zeros((0, 0, 3), np.uint8))
+
+
+def test_the_upload_cache_is_bounded_by_bytes_entries_and_time():
+    """Decoded uploads do not pile up (the soak's memory grew 32 %): least recently used out past the byte or
+    entry bound, and every entry unused for the TTL dropped (its upload is swept by then)."""
+    cache = UploadCache(max_bytes=10 * 2**20, max_entries=3, ttl_s=0.5)
+    for i in range(4):
+        cache.put((f"a{i}",), image_of(4), None)
+    assert len(cache) == 2 and cache.nbytes() <= 10 * 2**20  # 4 MB each: the third pushed the first out
+    assert cache.get(("a3",)) is not None and cache.get(("a0",)) is None
+    cache.put(("big",), image_of(40), None)  # larger than the bound: kept alone (it is the one in use)
+    assert len(cache) == 1 and cache.get(("big",)) is not None
+    for i in range(5):
+        cache.put((f"ecg{i}",), Sample("ecg", np.zeros((12, 1000), np.float32), np.zeros((12, 1000), np.float32)),
+                  np.ones(8, np.float32))
+    assert len(cache) == 3 and cache.get(("ecg0",)) is None and cache.get(("ecg4",))[1].shape == (8,)
+    time.sleep(0.3)
+    cache.get(("ecg3",))  # used: its time starts again
+    time.sleep(0.3)
+    assert cache.expire() == 2 and len(cache) == 1 and cache.get(("ecg3",)) is not None
+    assert UploadCache().expire() == 0  # no TTL (the library and CLI): entries go by the bounds only

@@ -3,9 +3,11 @@
 Uploads (DICOM headers full of patient identifiers), previews and the library's working copy never go to
 the machine-wide /tmp/gradio: each app process owns <parent>/app-<pid>-*/ (mode 0700, under a 0700 parent
 of this user), holding uploads/ (Gradio's cache: GRADIO_TEMP_DIR) and tmp/ (the process's temporary files
-when served by ``app.main``). Uploads are deleted once added to the library, and any upload older than
-UPLOAD_TTL_S seconds is swept; the folder goes when the process ends (SIGTERM/SIGINT included), and the
-folders of dead processes (SIGKILL) are removed when the next app starts.
+when served by ``app.main``). Gradio stores an upload by its content, so clients uploading the same bytes
+share one file: no call deletes an upload (another client may be about to use it); every upload, and each
+response's result images (``results_folder``), is swept UPLOAD_TTL_S seconds after it was written. The
+folder goes when the process ends (SIGTERM/SIGINT included), and the folders of dead processes (SIGKILL)
+are removed when the next app starts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger("m3bind.app")
 
@@ -39,21 +42,14 @@ class PrivateDirs:
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def owns(self, path: str | os.PathLike) -> bool:
-        """True for a path inside this process's upload folder."""
-        try:
-            return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(self.uploads))
-        except (OSError, ValueError):
-            return False
-
-    def forget(self, path: str | os.PathLike) -> None:
-        """Deletes an upload of this app once it has been read (never a file elsewhere)."""
-        if self.owns(path):
-            Path(path).unlink(missing_ok=True)
+    def results_folder(self) -> Path:
+        """A new folder for one response's files (a gallery's images): each response gets its own, so no
+        file a client is downloading is ever rewritten by another request; swept with the uploads."""
+        return Path(tempfile.mkdtemp(prefix="results-", dir=self.uploads))
 
     def sweep(self, max_age_s: float = UPLOAD_TTL_S) -> int:
         """Deletes uploads (and cached previews) older than ``max_age_s``; returns how many."""
-        cutoff, removed = time.time() - max_age_s, 0
+        cutoff, removed, emptied = time.time() - max_age_s, 0, set()
         for folder, dirs, names in os.walk(self.uploads, topdown=False):
             for name in names:
                 path = os.path.join(folder, name)
@@ -63,21 +59,29 @@ class PrivateDirs:
                     if max(st.st_mtime, st.st_ctime) < cutoff:
                         os.unlink(path)
                         removed += 1
+                        emptied.add(folder)
                 except OSError:
                     pass
             for name in dirs:
-                try:
-                    os.rmdir(os.path.join(folder, name))  # only empty ones
+                path = os.path.join(folder, name)
+                try:  # only empty ones, emptied now or old (one just made is about to be filled)
+                    if path in emptied or os.lstat(path).st_mtime < cutoff:
+                        os.rmdir(path)
+                        emptied.add(folder)
                 except OSError:
                     pass
         return removed
 
-    def start_sweeper(self) -> None:
+    def start_sweeper(self, *also: Callable[[], object]) -> None:
+        """Sweeps every half TTL (at most a minute), then runs ``also`` (e.g. dropping cached decodes of
+        uploads idle that long)."""
         if self._sweeper is None:
             def loop() -> None:
                 while self.root.exists():
                     time.sleep(max(1.0, min(60.0, UPLOAD_TTL_S / 2)))
                     self.sweep()
+                    for task in also:
+                        task()
             self._sweeper = threading.Thread(target=loop, name="m3bind-upload-sweeper", daemon=True)
             self._sweeper.start()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
@@ -33,16 +34,23 @@ def item_id_of(value: Any) -> int:
     return int(number)
 
 
-def gallery(ws: Workspace, hits: list[Hit]) -> list[tuple[Image.Image, str]]:
-    """(thumbnail, caption) per hit: modality · score · label or public name."""
+def gallery(ws: Workspace, hits: list[Hit], folder: Path) -> list[tuple[str, str]]:
+    """(image file, caption) per hit: modality · score · label or public name. Each thumbnail is written to
+    ``folder``, this response's own (Gradio names an image by its content, so two requests showing the same
+    item rewrote one file while a client was downloading it)."""
     items = []
-    for hit in hits:
+    for rank, hit in enumerate(hits):
         png = ws.thumbnail(hit.id)
-        image = Image.open(io.BytesIO(png)).convert("RGB") if png else Image.new("RGB", (128, 48), "#dddddd")
+        image = Image.open(io.BytesIO(png)) if png else Image.new("RGB", (128, 48), "#dddddd")
+        path = folder / f"{rank}.{(image.format or 'png').lower()}"
+        if png:
+            path.write_bytes(png)
+        else:
+            image.save(path)
         title = m3bind.get_modality(hit.modality).title
         # file names are patient data: only an example's name, or the owner's opt-in (Workspace.keep_names)
         name = hit.label or ws.shown_source(hit.source, hit.sha256) or f"item {hit.id}"
-        items.append((image, f"{title} · {hit.score:.3f} · {name}"))
+        items.append((str(path), f"{title} · {hit.score:.3f} · {name}"))
     return items
 
 
@@ -71,14 +79,15 @@ def routing_report(routed: list[dict[str, Any]]) -> list[str]:
 class SearchTab:
     """The tab's actions, each a named API endpoint; every model and library call goes through ``ws``."""
 
-    def __init__(self, ws: Workspace, forget_upload: Callable[[str], None]):
+    def __init__(self, ws: Workspace, results_folder: Callable[[], Path]):
         self.ws = ws
-        self.forget_upload = forget_upload  # deletes an upload once read (the app's private folder)
+        self.results_folder = results_folder  # a new folder per response, swept with the uploads (ui.private)
 
     @friendly("search")
     def search_text(self, query: str, modalities: list[str] | None, k: float, per_modality: bool) -> tuple:
         hits = self.ws.search_text(query, int(k), modalities or None, bool(per_modality))
-        return gallery(self.ws, hits), f"{len(hits)} results for “{markdown_text(query)}”.", [h.id for h in hits]
+        note = f"{len(hits)} results for “{markdown_text(query)}”."
+        return gallery(self.ws, hits, self.results_folder()), note, [h.id for h in hits]
 
     @friendly("search")
     def search_similar(self, files: Any, modality: str, centre: float | None, width: float | None, rate: Any,
@@ -87,7 +96,7 @@ class SearchTab:
         sample, hits = self.ws.search_similar(files, how, int(k), bool(other))
         scope = "other modalities than " if other else "all modalities, including "
         note = f"{len(hits)} nearest items from {scope}{m3bind.get_modality(sample.modality).title}."
-        return gallery(self.ws, hits), note, [h.id for h in hits]
+        return gallery(self.ws, hits, self.results_folder()), note, [h.id for h in hits]
 
     @staticmethod
     def pick_result(ids: list[int], event: gr.SelectData) -> int | None:
@@ -112,12 +121,8 @@ class SearchTab:
     def add_files(self, files: list[str] | None, label: str, modality: str, progress=gr.Progress()) -> tuple:
         if not files:
             raise m3bind.InputError("Choose the files to add first.")
-        try:
-            result = self.ws.add_files(files, label, modality_or_none(modality),
-                                       progress=lambda f, d: progress(f, desc=d))
-        finally:  # read once: the uploads are not kept
-            for path in files:
-                self.forget_upload(path)
+        # not deleted here: another client may have uploaded the same bytes (one shared file); swept (ui.private)
+        result = self.ws.add_files(files, label, modality_or_none(modality), progress=lambda f, d: progress(f, desc=d))
         lines = [f"Added **{result['added']}**, already in the library {result['skipped']}, "
                  f"refused {len(result['refused'])}.", *routing_report(result["routed"])]
         if result["refused"]:
@@ -174,8 +179,8 @@ def render(tab: SearchTab, upload: ClassifyInputs) -> Any:
     remove_note = gr.Markdown()
     with gr.Accordion("Add files to the library", open=False):
         gr.Markdown("Only a hash, your label and a thumbnail are kept: no file name and nothing from DICOM headers "
-                    "that identifies a patient. The library is saved on the server and the upload is deleted once "
-                    "read.")
+                    "that identifies a patient. The library is saved on the server; the upload is deleted "
+                    "within minutes.")
         add_input = gr.File(label="Files", file_count="multiple")
         with gr.Row():
             add_label = gr.Textbox(label="Label for these files (optional)", placeholder="e.g. pneumonia")
