@@ -152,7 +152,7 @@ def load_input(
         raise CorruptFileError(f"{name or 'The file'} is empty.")
     fmt = sniff_format(data[:512], name)
     if fmt == "dicom":
-        sample = dicom.read_dicom(data, limits, window=window)
+        sample = dicom.read_dicom(data, limits, window=window, decode_size=decode_size)
     elif fmt in IMAGE_FORMATS:
         sample = image.read_image(data, limits, decode_size)
     elif fmt in ("npy", "csv"):

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -38,7 +39,7 @@ from ..kinds import IMAGE, input_kind
 from ..modalities import modality_for_dicom_code
 from ..sample import Sample
 from . import Limits, check_decoded_size
-from .image import guess_image_modality, image_sample, to_unit
+from .image import _BAND, _fit, guess_image_modality, image_sample, to_unit
 
 _NOT_IMAGES = {
     "SEG": "a segmentation object (SEG)",
@@ -79,12 +80,14 @@ BODY_PARTS = frozenset("""
     """.split())
 
 
-def read_dicom(data: bytes, limits: Limits, window: tuple[float, float] | None = None) -> Sample:
-    """Read a DICOM image (one frame) or ECG waveform; ``window`` = (centre, width) overrides the VOI."""
+def read_dicom(data: bytes, limits: Limits, window: tuple[float, float] | None = None,
+               decode_size: int | None = None) -> Sample:
+    """Read a DICOM image (one frame) or ECG waveform; ``window`` = (centre, width) overrides the VOI.
+    ``decode_size``: as for ``read_image``, a grey image larger than that is shrunk, once windowed."""
     user_window = _user_window(window) if window is not None else None
     ds = _parse(data)
     try:
-        return _route(ds, limits, user_window)
+        return _route(ds, limits, user_window, decode_size)
     except InputError:
         raise
     except Exception as exc:  # decoder or pixel-processing failure on content the header promised
@@ -92,7 +95,7 @@ def read_dicom(data: bytes, limits: Limits, window: tuple[float, float] | None =
             "The DICOM data is damaged or inconsistent with its header and could not be decoded.") from exc
 
 
-def _route(ds: Dataset, limits: Limits, window: tuple[float, float] | None) -> Sample:
+def _route(ds: Dataset, limits: Limits, window: tuple[float, float] | None, decode_size: int | None) -> Sample:
     """Images to the image path, waveforms to the ECG reader, everything else refused by name."""
     sop_class = str(ds.get("SOPClassUID", "") or "")
     code = _code(ds, "Modality") or ""
@@ -109,7 +112,7 @@ def _route(ds: Dataset, limits: Limits, window: tuple[float, float] | None) -> S
                                    "the file is incomplete or was exported without the image.")
         what = f"a '{kind}' object" if kind else "a DICOM object"
         raise UnsupportedFormatError(f"This DICOM file is {what} with no image or waveform data in it.")
-    return _read_image(ds, limits, window)
+    return _read_image(ds, limits, window, decode_size)
 
 
 def _parse(data: bytes) -> Dataset:
@@ -142,7 +145,8 @@ def _parse(data: bytes) -> Dataset:
     return ds
 
 
-def _read_image(ds: Dataset, limits: Limits, window: tuple[float, float] | None) -> Sample:
+def _read_image(ds: Dataset, limits: Limits, window: tuple[float, float] | None,
+                decode_size: int | None) -> Sample:
     frames, photometric = _check_pixel_module(ds, limits)
     tsyntax = UID(ds.file_meta.TransferSyntaxUID)
     try:
@@ -166,6 +170,8 @@ def _read_image(ds: Dataset, limits: Limits, window: tuple[float, float] | None)
         if arr.ndim != 2:
             raise CorruptFileError("The DICOM header says the image is grey but its pixels have colour samples.")
         rgb, voi_meta = _grey(arr, ds, window, decoded_as == "MONOCHROME1")
+        del arr
+        rgb = _shrink_unit(rgb, decode_size)
         meta.update(voi_meta)
         if meta.get("modality_code") == "CT":
             meta["hu_range"] = meta["value_range"]
@@ -231,29 +237,72 @@ def _frame_attributes(ds: Dataset, frame: int) -> Dataset:
 
 def _grey(raw: np.ndarray, ds: Dataset, window: tuple[float, float] | None,
           invert: bool) -> tuple[np.ndarray, dict[str, Any]]:
-    """Modality values, then the VOI, to [0, 1]; returns the image and what was applied."""
-    values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
-    meta: dict[str, Any] = {"value_range": [float(values.min()), float(values.max())]}
+    """Modality values, then the VOI, to [0, 1] float32; returns the image and what was applied.
+
+    Memory: the modality values (float64, as the standard's arithmetic needs) exist a band of rows at a
+    time, windowed straight into the float32 result; only the default window's percentiles read them whole.
+    """
     if window is not None:
-        centre, width = window
-        unit, meta["window_source"] = _apply_window(values, centre, width, "LINEAR_EXACT"), "user"
+        (centre, width), function, source = window, "LINEAR_EXACT", "user"
     elif (header := _header_window(ds)) is not None:
         centre, width, function = header
-        unit, meta["window_source"] = _apply_window(values, centre, width, function), "dicom"
+        source = "dicom"
     elif ds.get("VOILUTSequence") and "LUTData" in ds.VOILUTSequence[0]:
-        depth = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        unit = to_unit(apply_voi(np.rint(values).astype(np.int64), ds), bits=depth)
-        centre = width = None
-        meta["window_source"] = "voi_lut"
+        return _grey_voi_lut(raw, ds, invert)
     else:
-        pad = ds.get("PixelPaddingValue")
-        kept = values[raw != pad] if isinstance(pad, int) and (raw != pad).any() else values
-        lo, hi = np.percentile(kept, [0.5, 99.5])
-        centre, width = float(lo + hi) / 2.0, max(float(hi - lo), 1e-6)
-        unit, meta["window_source"] = _apply_window(values, centre, width, "LINEAR_EXACT"), "default"
-    if centre is not None:
-        meta["window"] = [round(float(centre), 4), round(float(width), 4)]
+        (centre, width), function, source = _default_window(raw, ds), "LINEAR_EXACT", "default"
+    unit = np.empty(raw.shape, dtype=np.float32)
+    low, high = np.inf, -np.inf
+    for rows in _bands(raw):
+        values = _modality(raw[rows], ds)
+        low, high = min(low, float(values.min())), max(high, float(values.max()))
+        windowed = _apply_window(values, centre, width, function)
+        unit[rows] = 1.0 - windowed if invert else windowed
+    meta = {"value_range": [low, high], "window_source": source,
+            "window": [round(float(centre), 4), round(float(width), 4)]}
+    return unit, meta
+
+
+def _bands(raw: np.ndarray) -> list[slice]:
+    """Bands of rows of about ``_BAND`` values (8 MB as float64)."""
+    rows = max(1, _BAND // max(1, raw[0].size if raw.ndim > 1 else 1))
+    return [slice(start, start + rows) for start in range(0, len(raw), rows)]
+
+
+def _modality(raw: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The Modality LUT or rescale applied, in float64."""
+    return np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+
+
+def _default_window(raw: np.ndarray, ds: Dataset) -> tuple[float, float]:
+    """The window over the 0.5-99.5 percentiles of the modality values, padding pixels left out."""
+    pad = ds.get("PixelPaddingValue")
+    kept = raw[raw != pad] if isinstance(pad, int) and (raw != pad).any() else raw.reshape(-1)
+    values = np.empty(kept.shape, dtype=np.float64)
+    for rows in _bands(kept):
+        values[rows] = _modality(kept[rows], ds)
+    del kept
+    lo, hi = np.percentile(values, [0.5, 99.5], overwrite_input=True)
+    return float(lo + hi) / 2.0, max(float(hi - lo), 1e-6)
+
+
+def _grey_voi_lut(raw: np.ndarray, ds: Dataset, invert: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    """The VOI LUT of the file applied (rare, and its output depth is read from the whole image)."""
+    values = _modality(raw, ds)
+    meta: dict[str, Any] = {"value_range": [float(values.min()), float(values.max())], "window_source": "voi_lut"}
+    depth = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+    unit = to_unit(apply_voi(np.rint(values).astype(np.int64), ds), bits=depth)
     return (1.0 - unit if invert else unit).astype(np.float32), meta
+
+
+def _shrink_unit(unit: np.ndarray, decode_size: int | None) -> np.ndarray:
+    """A windowed grey image shrunk so its long side is ``decode_size`` (as the towers resample), before the
+    Sample's three float channels are made; unchanged if it is not larger."""
+    size = (unit.shape[1], unit.shape[0])
+    if not decode_size or max(size) <= decode_size:
+        return unit
+    small = Image.fromarray(unit, mode="F").resize(_fit(size, decode_size), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(small, dtype=np.float32), 0.0, 1.0)
 
 
 def _user_window(window: tuple[float, float]) -> tuple[float, float]:
