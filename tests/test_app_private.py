@@ -193,7 +193,7 @@ def test_concurrent_clients_share_uploads_and_results_safely_until_the_ttl(tmp_p
                 calls = [pool.submit(f, c, tile) for f, c in zip((add, classify, add, classify), clients)]
                 outcomes = [call.result() for call in calls]  # an error is raised here
                 assert sum("Added **1**" in o for o in outcomes[::2]) == 1 and all(outcomes[1::2])
-            for _ in range(3):  # the same results for six clients at once
+            for _ in range(5):  # the same results for six clients at once
                 for shown in [call.result() for call in [pool.submit(search, c) for c in clients]]:
                     assert shown
                     for item in shown:
