@@ -311,7 +311,8 @@ def test_help_and_argument_errors_import_no_torch_faiss_or_gradio():
 
 def test_a_refused_file_imports_no_torch_or_scipy(tmp_path):
     """Refusing a bad file is quick: the CLI's error path (the reader, then naming the input without its file
-    name) imports no torch, faiss or scipy (it imported torch through ``m3bind.batch``: 14 s and 730 MB)."""
+    name) imports no torch, faiss, scipy or pydicom (it imported torch through ``m3bind.batch``: 14 s and
+    730 MB; now 0.7 s and 38 MB)."""
     (tmp_path / "not_an_image.png").write_text("hello\n")
     (tmp_path / "00003_lr.hea").write_bytes(b"00003_lr 1")  # a WFDB header cut short
     code = ("import runpy, sys\n"
@@ -321,7 +322,8 @@ def test_a_refused_file_imports_no_torch_or_scipy(tmp_path):
             "        runpy.run_module('m3bind', run_name='__main__')\n"
             "    except SystemExit as exit:\n"
             "        assert exit.code == 2, exit.code\n"
-            "print(sorted(m for m in ('torch', 'faiss', 'scipy', 'gradio', 'transformers') if m in sys.modules))\n")
+            "print(sorted(m for m in ('torch', 'faiss', 'scipy', 'pydicom', 'gradio', 'transformers')\n"
+            "             if m in sys.modules))\n")
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "not_an_image.png"),
                           str(tmp_path / "00003_lr.hea")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

@@ -117,7 +117,7 @@ def load_input(
     the DICOM VOI window. ``decode_size`` is for callers that shrink images anyway (batch embedding): plain
     8-bit images larger than that are then read with their long side at ``decode_size``.
     """
-    from . import dicom, ecg, image
+    from . import ecg, image
 
     if modality is not None:
         get_modality(modality)  # unknown names fail before any decoding
@@ -152,6 +152,8 @@ def load_input(
         raise CorruptFileError(f"{name or 'The file'} is empty.")
     fmt = sniff_format(data[:512], name)
     if fmt == "dicom":
+        from . import dicom  # only here: pydicom takes ~0.7 s to import
+
         sample = dicom.read_dicom(data, limits, window=window, decode_size=decode_size)
     elif fmt in IMAGE_FORMATS:
         sample = image.read_image(data, limits, decode_size)
