@@ -114,8 +114,9 @@ def load_input(
     text formats such as CSV), or the list of files of one WFDB record (header plus signal file).
     ``modality`` overrides detection; it must be of the same reader kind as the file.
     ``sampling_rate`` applies to CSV/NPY ECGs that carry none. ``window`` = (centre, width) overrides
-    the DICOM VOI window. ``decode_size`` is for callers that shrink images anyway (batch embedding): plain
-    8-bit images larger than that are then read with their long side at ``decode_size``.
+    the DICOM VOI window. ``decode_size`` is for callers that shrink images anyway (batch embedding): larger
+    images (plain 8-bit and 16-bit grey files, and DICOM grey frames once windowed) come back with their long
+    side at ``decode_size``.
     """
     from . import ecg, image
 
