@@ -280,7 +280,11 @@ def model_card(cfg: PipelineConfig, timings: dict[str, float], evaluation: str =
                   "class-aware contrastive loss with the unified text encoder (towers' output heads and the text "
                   "projection adapt), so a finding of one modality is a negative for the others' items and typed "
                   f"findings land among their own modality's items; {cfg.joint.status_captions:.0%} of the captions are "
-                  "the shared normal/abnormal ones.\n" if cfg.joint.steps else "")
+                  "the shared normal/abnormal ones" + (
+                      f", and {cfg.joint.report_captions:.0%} of the others, for chest X-rays, a real IU X-ray report "
+                      "(history, findings, impression) of another study with the same status, so that report-like "
+                      "text lands among its items" if cfg.joint.report_captions else "") + ".\n"
+                  if cfg.joint.steps else "")
     detector_text = (f"- Modality detector of plain image files: a linear classifier over the frozen ImageNet "
                      f"EfficientNet-Lite0's pooled features at {cfg.detector.image_size} px (colour), fitted on up to "
                      f"{cfg.detector.max_per_dataset} training images per dataset; below "
