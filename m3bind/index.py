@@ -477,6 +477,7 @@ def _faiss_threads(count: int | None) -> Iterator[None]:
     finally:
         faiss.omp_set_num_threads(previous)
 
+
 def selects(name: str, modality: str | Iterable[str] | None, exclude: str | Iterable[str] | None) -> bool:
     """Whether a search with these filters ranks items of modality ``name``."""
     return (modality is None or name in _names(modality)) and (exclude is None or name not in _names(exclude))

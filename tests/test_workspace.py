@@ -105,7 +105,9 @@ def test_classify_and_find_similar_reuse_the_uploads_embedding(tiny_model, tmp_p
     real = tiny_model.embed
     monkeypatch.setattr(tiny_model, "embed", lambda *a, **k: embedded.append(a) or real(*a, **k))
     again = tab.classify(ct, "auto", "normal lungs\nnodule", None, None, None)[2]
-    SearchTab(ws, lambda path: None).search_similar(ct, "auto", None, None, None, 3, True)
+    results = tmp_path / "results"
+    results.mkdir()
+    SearchTab(ws, lambda: results).search_similar(ct, "auto", None, None, None, 3, True)
     assert embedded == [] and again == probs
     assert probs == pytest.approx(tiny_model.classify(m3bind.load_input(ct[0]), ["normal lungs", "nodule"]))
 
