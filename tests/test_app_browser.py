@@ -177,6 +177,32 @@ def test_text_search(page):
     screenshot(page, "search")
 
 
+def test_remove_acts_only_on_a_clicked_result(page, served):
+    """The clicked-result box starts empty, not at "0" (which read as item 0): Remove with nothing clicked says
+    so and removes nothing; a clicked result puts that item's id in the box, and Remove acts on just it (here an
+    example item of the shared library, which this server keeps)."""
+    from playwright.sync_api import expect
+
+    ws = served[0].m3bind_workspace
+    before = len(ws.library)
+    box = page.locator("#selected-item textarea, #selected-item input").first
+    assert box.input_value() == ""
+    page.locator("#confirm-change input").check()
+    page.locator("#remove-button").click()
+    toasts = page.locator("[data-testid=toast-body]")
+    expect(toasts.filter(has_text="Click a search result first").first).to_be_visible(timeout=SLOW)
+    page.locator("#results img").nth(2).click()
+    expect(box).not_to_have_value("", timeout=SLOW)
+    chosen = int(box.input_value())
+    page.keyboard.press("Escape")  # closes the enlarged result
+    assert chosen in {h.id for h in ws.search_text("pleural effusion", 12)}
+    page.locator("#confirm-change input").check()
+    page.locator("#remove-button").click()
+    expect(toasts.filter(has_text=f"Item {chosen} is one of the library's example files").first
+           ).to_be_visible(timeout=SLOW)
+    assert len(ws.library) == before
+
+
 def test_explorer(page):
     from playwright.sync_api import expect
 

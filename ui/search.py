@@ -99,9 +99,9 @@ class SearchTab:
         return gallery(self.ws, hits, self.results_folder()), note, [h.id for h in hits]
 
     @staticmethod
-    def pick_result(ids: list[int], event: gr.SelectData) -> int | None:
-        """A clicked result becomes the one the remove button acts on."""
-        return ids[event.index] if ids and event.index < len(ids) else None
+    def pick_result(ids: list[int], event: gr.SelectData) -> str | None:
+        """A clicked result becomes the one the remove button acts on (its id, as the box shows it)."""
+        return str(ids[event.index]) if ids and event.index < len(ids) else None
 
     @friendly("remove this item")
     def remove_item(self, item_id: Any, confirmed: bool) -> tuple:
@@ -171,8 +171,9 @@ def render(tab: SearchTab, upload: ClassifyInputs) -> Any:
                          elem_id="similar")
     result_ids, similar_ids = gr.State([]), gr.State([])
     with gr.Row():
-        # no default (0 would name item 0) and no rounding (1.5 would name item 2): see item_id_of
-        selected = gr.Number(None, label="Clicked result (library item)", interactive=False, elem_id="selected-item")
+        # text, not a number box: an empty number box shows "0", which reads as item 0 (see item_id_of)
+        selected = gr.Textbox(None, label="Clicked result (library item)", interactive=False,
+                              placeholder="click a result", elem_id="selected-item")
         confirm = gr.Checkbox(False, label="Yes, change the shared library", elem_id="confirm-change",
                               info="Needed to remove an item or to reset; cleared after each change.")
         remove_button = gr.Button("Remove it from the library", variant="stop", elem_id="remove-button")
