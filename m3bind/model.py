@@ -131,8 +131,8 @@ class M3BindModel(nn.Module):
         items = [samples] if single else list(samples)
         out = np.zeros((len(items), self.dim), dtype=np.float32)
         by_modality: dict[str, list[int]] = {}
-        for i, sample in enumerate(items):
-            by_modality.setdefault(sample.modality, []).append(i)
+        for i, sample in enumerate(items):  # routed first: the detector may move a guessed image to another tower
+            by_modality.setdefault(self.route(sample).modality, []).append(i)
         for modality, indices in by_modality.items():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
