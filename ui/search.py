@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import gradio as gr
@@ -148,8 +149,13 @@ class SearchTab:
 
 def render(tab: SearchTab, upload: ClassifyInputs) -> Any:
     """Lays the tab out and wires its events; returns the library summary (refreshed on page load)."""
-    ws = tab.ws
-    summary = gr.Markdown(library_summary(ws), elem_id="library-summary")
+    summary = gr.Markdown(library_summary(tab.ws), elem_id="library-summary")
+    page = SimpleNamespace(summary=summary, **_search_block(tab.ws), **_remove_row(), **_add_box(tab.ws))
+    _wire(tab, page, upload)
+    return summary
+
+
+def _search_block(ws: Workspace) -> dict[str, Any]:
     with gr.Row():
         query = gr.Textbox(label="Findings to search for", scale=4, elem_id="search-query",
                            placeholder="e.g. consolidation in the left lower lobe")
@@ -169,7 +175,12 @@ def render(tab: SearchTab, upload: ClassifyInputs) -> Any:
     similar_note = gr.Markdown()
     similar = gr.Gallery(label="Similar items", columns=4, height="auto", format="png", object_fit="contain",
                          elem_id="similar")
-    result_ids, similar_ids = gr.State([]), gr.State([])
+    return dict(query=query, modalities=modalities, k=k, per_modality=per_modality, search_button=search_button,
+                search_note=search_note, results=results, other_only=other_only, similar_button=similar_button,
+                similar_note=similar_note, similar=similar, result_ids=gr.State([]), similar_ids=gr.State([]))
+
+
+def _remove_row() -> dict[str, Any]:
     with gr.Row():
         # text, not a number box: an empty number box shows "0", which reads as item 0 (see item_id_of)
         selected = gr.Textbox(None, label="Clicked result (library item)", interactive=False,
@@ -177,7 +188,10 @@ def render(tab: SearchTab, upload: ClassifyInputs) -> Any:
         confirm = gr.Checkbox(False, label="Yes, change the shared library", elem_id="confirm-change",
                               info="Needed to remove an item or to reset; cleared after each change.")
         remove_button = gr.Button("Remove it from the library", variant="stop", elem_id="remove-button")
-    remove_note = gr.Markdown()
+    return dict(selected=selected, confirm=confirm, remove_button=remove_button, remove_note=gr.Markdown())
+
+
+def _add_box(ws: Workspace) -> dict[str, Any]:
     with gr.Accordion("Add files to the library", open=False):
         gr.Markdown("Only a hash, your label and a thumbnail are kept: no file name and nothing from DICOM headers "
                     "that identifies a patient. The library is saved on the server; the upload is deleted "
@@ -190,18 +204,25 @@ def render(tab: SearchTab, upload: ClassifyInputs) -> Any:
             add_button = gr.Button("Add to library", variant="primary")
             reset_button = gr.Button("Reset to the examples", variant="stop", visible=allow_reset())
         add_status = gr.Markdown(elem_id="add-status")
+    return dict(add_input=add_input, add_label=add_label, add_modality=add_modality, add_button=add_button,
+                reset_button=reset_button, add_status=add_status)
 
-    searched = [results, search_note, result_ids]
-    search_button.click(tab.search_text, [query, modalities, k, per_modality], searched, api_name="search_text")
-    query.submit(tab.search_text, [query, modalities, k, per_modality], searched, api_name=False)
-    similar_button.click(tab.search_similar, [*upload.view, k, other_only], [similar, similar_note, similar_ids],
-                         api_name="search_similar")
-    results.select(tab.pick_result, result_ids, selected, api_name=False)
-    similar.select(tab.pick_result, similar_ids, selected, api_name=False)
+
+def _wire(tab: SearchTab, page: SimpleNamespace, upload: ClassifyInputs) -> None:
+    """Every event of the tab, each to a ``SearchTab`` method; the named ones are API endpoints."""
+    p = page
+    query_inputs = [p.query, p.modalities, p.k, p.per_modality]
+    searched = [p.results, p.search_note, p.result_ids]
+    p.search_button.click(tab.search_text, query_inputs, searched, api_name="search_text")
+    p.query.submit(tab.search_text, query_inputs, searched, api_name=False)
+    p.similar_button.click(tab.search_similar, [*upload.view, p.k, p.other_only],
+                           [p.similar, p.similar_note, p.similar_ids], api_name="search_similar")
+    p.results.select(tab.pick_result, p.result_ids, p.selected, api_name=False)
+    p.similar.select(tab.pick_result, p.similar_ids, p.selected, api_name=False)
     heavy = dict(concurrency_id="heavy", concurrency_limit=1)  # library changes: one at a time
-    remove_button.click(tab.remove_item, [selected, confirm], [selected, confirm, remove_note, summary],
-                        api_name="remove_from_library", **heavy)
-    add_button.click(tab.add_files, [add_input, add_label, add_modality], [add_status, summary],
-                     api_name="add_to_library", **heavy)
-    reset_button.click(tab.reset_library, confirm, [add_status, confirm, summary], api_name="reset_library", **heavy)
-    return summary
+    p.remove_button.click(tab.remove_item, [p.selected, p.confirm], [p.selected, p.confirm, p.remove_note, p.summary],
+                          api_name="remove_from_library", **heavy)
+    p.add_button.click(tab.add_files, [p.add_input, p.add_label, p.add_modality], [p.add_status, p.summary],
+                       api_name="add_to_library", **heavy)
+    p.reset_button.click(tab.reset_library, p.confirm, [p.add_status, p.confirm, p.summary], api_name="reset_library",
+                         **heavy)
