@@ -3,8 +3,8 @@
 Image towers are open_clip vision towers (timm-backed or open_clip's own architectures, or the visual
 half of a published open_clip checkpoint) followed by a projection to D, or a compact residual CNN trained
 from scratch (for small images, where an upsampled ImageNet trunk gains little), or the mean of several.
-The ECG tower is a 1-D residual CNN over the canonical 12-lead form. The text tower is a transformers
-encoder with pooling and a projection to D.
+The ECG tower is a 1-D residual CNN over the canonical 12-lead form. The text tower is a BERT encoder
+(``m3bind.bert``) with pooling and a projection to D.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bert import BertEncoder, BertSpec, checkpoint_state, load_tokenizer, tokenize
+from .efficientnet import VISION_CFG, EfficientNetLite0Tower
 from .config import EcgTowerConfig, ImageTowerConfig, TextTowerConfig
 from .errors import ConfigError
 from .modalities import Modality, get_modality
@@ -168,9 +170,12 @@ def _published_backbone(cfg: ImageTowerConfig, dim: int) -> tuple[nn.Module, nn.
 def _open_clip_backbone(cfg: ImageTowerConfig, dim: int) -> tuple[nn.Module, nn.Module, ImageTowerConfig]:
     """An open_clip vision tower built from ``vision_cfg`` (its own head projects to D), its trunk loaded from
     the weights a package ships when ``source`` names one."""
-    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+    if cfg.vision_cfg == VISION_CFG:  # the default towers' network, without importing open_clip and timm
+        visual = EfficientNetLite0Tower(dim)
+    else:
+        from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
-    visual = _build_vision_tower(dim, CLIPVisionCfg(image_size=cfg.image_size, **cfg.vision_cfg))
+        visual = _build_vision_tower(dim, CLIPVisionCfg(image_size=cfg.image_size, **cfg.vision_cfg))
     if package_name(cfg.source):
         visual.trunk.load_state_dict(package_trunk_state(cfg.source, visual.trunk))
     return visual, nn.Identity(), cfg
@@ -312,32 +317,30 @@ class EcgTower(nn.Module):
 
 
 class TextTower(nn.Module):
+    """A BERT encoder (``m3bind.bert``), mean or [CLS] pooling, and a projection to D."""
+
     def __init__(self, cfg: TextTowerConfig, dim: int):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
-
         self.cfg = cfg
-        path = resolve_text_source(cfg.source)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path)
-        self.proj = nn.Linear(self.model.config.hidden_size, dim, bias=False)
+        self.source = resolve_text_source(cfg.source)
+        self.model = BertEncoder(BertSpec.from_dir(self.source))
+        self.model.load_state_dict(checkpoint_state(self.source, self.model))
+        self.model.eval()  # as loaded by transformers: dropout is off until training asks for it
+        self.tokenizer = load_tokenizer(self.source, cfg.max_length)
+        self.proj = nn.Linear(self.model.spec.hidden_size, dim, bias=False)
 
     def base_keys(self) -> set[str]:
         return {f"model.{k}" for k in self.model.state_dict()}
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
-        from transformers import AutoModel
-
-        base = AutoModel.from_pretrained(resolve_text_source(self.cfg.source))
-        return {f"model.{k}": v for k, v in base.state_dict().items()}
+        return {f"model.{k}": v for k, v in checkpoint_state(self.source, self.model).items()}
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.max_length,
-                              return_tensors="pt")
+        return tokenize(self.tokenizer, texts)
 
     def pool(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """The encoder's sentence vector before the projection (what training caches while the body is frozen)."""
-        hidden = self.model(**tokens).last_hidden_state
+        hidden = self.model(**tokens)
         if self.cfg.pooling == "cls":
             return hidden[:, 0]
         mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)

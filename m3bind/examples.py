@@ -79,7 +79,7 @@ def _write_atomically(target: Path, example: Example) -> None:
             from PIL import Image
 
             array = np.asarray(getattr(skimage.data, example.source)(), dtype=np.uint8)
-            Image.fromarray(array).save(tmp, format="PNG")
+            Image.fromarray(array).save(tmp, format="PNG", compress_level=1)  # fast: written at first start
         os.replace(tmp, target)  # concurrent writers each rename a complete file
     finally:
         tmp.unlink(missing_ok=True)

@@ -39,15 +39,23 @@ def package_name(source: str | None) -> str | None:
     return source.split(":", 1)[1] if source and source.startswith("package:") else None
 
 
-def resolve_text_source(source: str) -> str:
-    """A transformers-loadable path or model id for a text tower source."""
+def resolve_text_source(source: str) -> Path:
+    """The local directory of a text tower source: a package's model, a folder, or a Hugging Face hub id
+    (from the local hub cache, or downloaded unless ``HF_HUB_OFFLINE`` is set)."""
     name = package_name(source)
-    if name is None:
-        return source
+    if name is not None:
+        try:
+            return Path(PACKAGE_TEXT_MODELS[name]())
+        except KeyError:
+            raise ConfigError(f"No installed package ships the text model {name!r}.") from None
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
     try:
-        return PACKAGE_TEXT_MODELS[name]()
-    except KeyError:
-        raise ConfigError(f"No installed package ships the text model {name!r}.") from None
+        return Path(snapshot_download(source))
+    except Exception as err:  # an unknown id, or no network and not cached: both are the config's fault
+        raise ConfigError(f"The text model {source!r} is neither a folder nor a reachable hub model ({err}).") from err
 
 
 def package_trunk_state(source: str, trunk: torch.nn.Module) -> dict[str, torch.Tensor]:

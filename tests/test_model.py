@@ -164,7 +164,7 @@ def test_packaged_efficientnet_weights_match_their_reference_implementation():
     tower = ImageTower(m3bind.ImageTowerConfig(), dim=16).eval()
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        ours = tower.visual.trunk.forward_head(tower.visual.trunk.forward_features(x), pre_logits=True)
+        ours = tower.visual.trunk(x)
         theirs = reference.extract_features(x).mean((2, 3))
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
@@ -256,13 +256,13 @@ def test_text_tower_from_a_locally_saved_hugging_face_model(tmp_path, tiny_model
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tiny_model.text.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+    BertModel(BertConfig(vocab_size=tiny_model.text.tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "bert")
-    tiny_model.text.tokenizer.save_pretrained(tmp_path / "bert")
+    tiny_model.text.tokenizer.save(str(tmp_path / "bert" / "tokenizer.json"))
     config = m3bind.ModelConfig(name="hf-text", dim=16, text=m3bind.TextTowerConfig(source=str(tmp_path / "bert")),
                                 towers={"ecg": m3bind.EcgTowerConfig(widths=(8,))}, modality_towers={"ecg": "ecg"})
     model = m3bind.M3BindModel(config)
-    assert model.text.model.config.hidden_size == 32
+    assert model.text.model.spec.hidden_size == 32
     model.save_pretrained(tmp_path / "m")
     assert json.loads((tmp_path / "m" / "config.json").read_text())["text"]["source"] == str(tmp_path / "bert")
     loaded = m3bind.load_model(tmp_path / "m", device="cpu")

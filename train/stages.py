@@ -210,7 +210,7 @@ def add_lora(model: M3BindModel, rank: int, layers: int) -> None:
     """LoRA adapters (peft) on the query/value projections of the text body's top ``layers`` layers."""
     from peft import LoraConfig, get_peft_model
 
-    total = model.text.model.config.num_hidden_layers
+    total = model.text.model.spec.num_hidden_layers
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["query", "value"],
                         layers_to_transform=list(range(total - layers, total)))
     model.text.model = get_peft_model(model.text.model, config)

@@ -6,8 +6,8 @@ ECG means the same to the model whatever file it came in:
 
 * **Window.** The first 10 s are used (``meta["window_s"]``); a shorter record (at least 2 s) is
   zero-padded at the end (``meta["padded_s"]``). ``meta["duration_s"]`` is the whole record's length.
-* **Resampling.** Polyphase resampling to 100 Hz (``scipy.signal.resample_poly``, whose FIR filter is
-  the anti-aliasing low-pass); the per-lead median is subtracted first; no other filtering.
+* **Resampling.** Polyphase resampling to 100 Hz (``resample_poly``: scipy's method and default filter, whose
+  FIR low-pass is the anti-aliasing filter); the per-lead median is subtracted first; no other filtering.
 * **Leads by name.** Case, "Lead"/"ECG" words, separators and bracketed qualifiers are ignored
   ("Lead I (Einthoven)", "lead_ii", "AVR" all match). The modified limb leads MLI/MLII/MLIII (e.g.
   MIT-BIH) and the DI/DII/DIII notation count as I/II/III. Anything else (Frank X/Y/Z, "V", V7-V9,
@@ -206,6 +206,37 @@ def _no_usable_lead(found: dict[str, list[str]], n_leads: int) -> CorruptFileErr
                             f"{n_leads} matched leads, " + ", ".join(p for p in parts if p) + ".")
 
 
+def resample_poly(x: np.ndarray, up: int, down: int) -> np.ndarray:
+    """``scipy.signal.resample_poly(x, up, down, axis=0)`` with its default Kaiser (beta 5) low-pass, in numpy.
+
+    Written out because importing scipy.signal takes ~2 s, paid by the first ECG an app or CLI call reads;
+    ``tests/test_ecg_readers.py`` checks it against scipy.
+    """
+    g = math.gcd(up, down)
+    up, down = up // g, down // g
+    x = np.asarray(x, dtype=np.float64)
+    if up == down == 1:
+        return x.copy()
+    n_in = x.shape[0]
+    n_out = -(-n_in * up // down)
+    rate = max(up, down)
+    half = 10 * rate
+    taps = np.arange(2 * half + 1) - half
+    h = np.sinc(taps / rate) / rate * np.kaiser(2 * half + 1, 5.0)
+    h *= up / h.sum()  # unit gain at DC, times the zeros that upsampling inserts
+    pre = down - half % down
+    skip = (half + pre) // down
+    post = 0
+    while ((n_in - 1) * up + len(h) + pre + post - 1) // down + 1 < n_out + skip:
+        post += 1
+    h = np.concatenate([np.zeros(pre), h, np.zeros(post)])
+    stuffed = np.zeros((((n_in - 1) * up + 1),) + x.shape[1:])
+    stuffed[::up] = x
+    columns = stuffed.reshape(stuffed.shape[0], -1)
+    y = np.stack([np.convolve(c, h)[::down] for c in columns.T], axis=1)
+    return y[skip:skip + n_out].reshape((n_out,) + x.shape[1:])
+
+
 def sample_from_signal(signal: np.ndarray, fs: float, lead_names: Sequence[str], meta: dict,
                        limits: Limits) -> Sample:
     """Turn any decoded ECG (samples x leads, mV) into the canonical ``Sample``; the only place that does.
@@ -249,9 +280,7 @@ def sample_from_signal(signal: np.ndarray, fs: float, lead_names: Sequence[str],
     segment[np.isnan(segment)] = 0.0  # the gaps too long to interpolate: at the baseline
     ratio = Fraction(CANONICAL_FS / fs).limit_denominator(1000)
     if ratio != 1:
-        from scipy.signal import resample_poly  # on first use: ~2 s to import
-
-        segment = resample_poly(segment, ratio.numerator, ratio.denominator, axis=0)
+        segment = resample_poly(segment, ratio.numerator, ratio.denominator)
     n_valid = min(CANONICAL_SAMPLES, int(round(n_window * ratio)))
     data = np.zeros((len(LEADS), CANONICAL_SAMPLES), dtype=np.float32)
     mask = [False] * len(LEADS)
@@ -486,8 +515,6 @@ def read_wfdb(header_path: Path, limits: Limits, files: Sequence[Path] | None = 
     for (j, _, scale), n in zip(keep, per_frame):
         values = np.asarray(rec.e_p_signal[j], dtype=np.float64) * scale
         if n != top:
-            from scipy.signal import resample_poly
-
             step = Fraction(top, n)
             values = resample_poly(values, step.numerator, step.denominator)
         columns.append(values)

@@ -81,7 +81,7 @@ def bert_folder(path: Path, hidden: int = 32, layers: int = 2, heads: int = 2, i
                                 *_WORDS]))
     vocab += [f"[unused{i}]" for i in range(vocab_size - len(vocab))]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
+    BertTokenizerFast.from_pretrained(path, do_lower_case=True).save_pretrained(path)  # reads vocab.txt
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                         intermediate_size=intermediate or 2 * hidden, max_position_embeddings=512)
