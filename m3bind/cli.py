@@ -263,11 +263,9 @@ def _read_labels_csv(path: Path, keep_names: bool) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------- helpers
 def _model(args: argparse.Namespace) -> Any:
     import torch
-    from transformers.utils import logging as hf_logging
 
     from .model import load_model
 
-    hf_logging.disable_progress_bar()
     device = args.device
     if device is None and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per local rank
         device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
