@@ -83,6 +83,9 @@ class DetectorConfig:
     modalities: list[str] = field(default_factory=list)  # the classes, in the order of the classifier's outputs
     tower: ImageTowerConfig = field(default_factory=lambda: ImageTowerConfig(image_size=128))
     min_confidence: float = 0.8  # below this the app says it is unsure and asks the user to pick
+    # An image with at least this share of clearly coloured pixels is not of a grey modality (X-ray, CT, MRI,
+    # ultrasound): their training images have none, fundus photos and stained tissue at least 0.29.
+    colour_share: float = 0.25
 
 
 @dataclass

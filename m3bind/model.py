@@ -89,12 +89,22 @@ class M3BindModel(nn.Module):
     # ----- modality detection ---------------------------------------------------------------------
     @torch.inference_mode()
     def modality_probabilities(self, sample: Sample) -> dict[str, float]:
-        """The detector's probability of each modality for an image sample ({} without a detector)."""
+        """The detector's probability of each modality for an image sample ({} without a detector).
+
+        A largely coloured image gets no grey modality: the classifier only ever saw grey X-rays, CTs and MRIs,
+        and extrapolates on stains it never saw (an immunohistochemistry tile came out as an X-ray at 96%).
+        """
         if self.detector is None or sample.kind != self.config.detector.tower.kind:
             return {}
         pixels = self.detector.prepare(sample, keep_colour=True)
         probs = torch.softmax(self.detector(pixels[None].to(self.device))[0].float(), dim=0).cpu().numpy()
-        return dict(zip(self.config.detector.modalities, map(float, probs)))
+        names = self.config.detector.modalities
+        if colour_share(sample.data) >= self.config.detector.colour_share:
+            coloured = np.array([not get_modality(name).grayscale for name in names])
+            if coloured.any():
+                probs = np.where(coloured, probs, 0.0)
+                probs = probs / probs.sum() if probs.sum() > 0 else coloured / coloured.sum()
+        return dict(zip(names, map(float, probs)))
 
     def route(self, sample: Sample) -> Sample:
         """Give a plain image whose modality the reader only guessed from simple pixel rules the detector's
@@ -254,6 +264,15 @@ class M3BindModel(nn.Module):
             raise InputError(f"The weights in {directory} do not match its config "
                              f"(unexpected: {unexpected[:3]}, missing: {sorted(set(missing) - base_keys)[:3]}).")
         return model.to(pick_device(device)).eval()
+
+
+def colour_share(image: np.ndarray, step: int = 4) -> float:
+    """The share of an (H, W, 3) [0, 1] image's pixels whose channels differ by more than 0.1 (every
+    ``step``-th row and column: a fixed cost for large images)."""
+    pixels = np.asarray(image)[::step, ::step]
+    if pixels.ndim != 3 or pixels.shape[-1] < 3:
+        return 0.0
+    return float((pixels.max(-1) - pixels.min(-1) > 0.1).mean())
 
 
 def default_card(model: M3BindModel) -> str:

@@ -4,11 +4,14 @@ puts every modality in one space, and the modality detector, on the real files i
 from __future__ import annotations
 
 import csv
+import io
 from collections import Counter
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
+from PIL import Image
 
 import m3bind
 from train.data import SPLITS, load_dataset
@@ -162,3 +165,22 @@ def test_the_detector_leaves_dicom_headers_and_the_users_choice_alone(detector_m
     photo = m3bind.load_input(shared_data / "retina" / "idrid" / "IDRiD_002.jpg")
     assert reloaded.modality_probabilities(photo) == pytest.approx(model.modality_probabilities(photo), abs=1e-5)
     assert (saved / "model.safetensors").stat().st_size < 100_000  # the ImageNet trunk is referenced, not stored
+
+
+def test_the_default_detector_routes_coloured_stains_away_from_grey_modalities(shared_data):
+    """The app's own immunohistochemistry example (a stain the pathology training tiles never show) went to the
+    X-ray tower at 96%; a largely coloured image is now never given a grey modality, and grey files keep theirs."""
+    model = m3bind.load_model()
+    ihc = model.route(m3bind.load_input(_png(skimage.data.immunohistochemistry())))
+    assert ihc.modality == "pathology" and ihc.meta["modality_source"] == "detector"
+    path = next(p.source for p in load_dataset("cxr_nih", "test", data_root=shared_data).pairs)
+    assert model.route(m3bind.load_input(path)).modality == "xray"
+    grey = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    warm = np.stack([grey, grey * 0.95, grey * 0.9], axis=-1).astype(np.uint8)  # a film photographed in warm light
+    assert model.route(m3bind.load_input(_png(warm))).modality == "xray"
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -85,16 +85,19 @@ def fit_detector(model: M3BindModel, datasets: dict[str, list[str]], plan: Detec
     return model
 
 
-@torch.no_grad()
 def detector_accuracy(model: M3BindModel, datasets: dict[str, list[str]], split: str,
                       data_root: str | None = None) -> dict:
-    """Share of ``split`` images whose modality the detector names, overall and per modality (every item)."""
-    features, labels = detector_features(model.detector, {m: d for m, d in datasets.items()
-                                                          if m in model.config.detector.modalities},
-                                         split, data_root, None, 0)
-    order = [model.config.detector.modalities.index(m) for m in datasets if m in model.config.detector.modalities]
-    predicted = model.detector.head(features.to(model.device)).argmax(1).cpu().numpy()
-    right = np.array(order)[labels] == predicted
+    """Share of ``split`` images whose modality the model's detector names (``modality_probabilities``, the path
+    an uploaded file takes), overall and per modality (every item)."""
     names = [m for m in datasets if m in model.config.detector.modalities]
+    right, labels = [], []
+    for index, modality in enumerate(names):
+        for name in datasets[modality]:
+            for pair in load_dataset(name, split, data_root=data_root).pairs:
+                if pair.modality == modality:
+                    probs = model.modality_probabilities(pair.load())
+                    right.append(max(probs, key=probs.get) == modality)
+                    labels.append(index)
+    right, labels = np.array(right), np.array(labels)
     return {"n": int(len(right)), "accuracy": float(right.mean()),
             "per_modality": {m: float(right[labels == i].mean()) for i, m in enumerate(names) if (labels == i).any()}}
