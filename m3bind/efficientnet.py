@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 _BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon, which the ported weights were trained with
-# (block type, repeats, kernel, first stride, expansion, output channels) per stage
-_STAGES = (("ds", 1, 3, 1, 1, 16), ("ir", 2, 3, 2, 6, 24), ("ir", 2, 5, 2, 6, 40), ("ir", 3, 3, 2, 6, 80),
-           ("ir", 3, 5, 1, 6, 112), ("ir", 4, 5, 2, 6, 192), ("ir", 1, 3, 1, 6, 320))
+# (repeats, kernel, first stride, expansion, output channels) per stage; expansion 1 is a depthwise-separable block
+_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
+           (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
 # the vision_cfg of the open_clip tower this module reproduces
 VISION_CFG = {"timm_model_name": "tf_efficientnet_lite0", "timm_pool": "avg", "timm_proj": "linear"}
 
@@ -52,45 +52,35 @@ class _BatchNormAct(nn.BatchNorm2d):
         return F.relu6(x) if self.act else x
 
 
-class _DepthwiseSeparable(nn.Module):
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int):
-        super().__init__()
-        self.conv_dw = _ConvSame(c_in, c_in, kernel, stride, groups=c_in)
-        self.bn1 = _BatchNormAct(c_in, act=True)
-        self.conv_pw = _ConvSame(c_in, c_out, 1)
-        self.bn2 = _BatchNormAct(c_out, act=False)
-        self.skip = stride == 1 and c_in == c_out
+class _Block(nn.Module):
+    """timm's DepthwiseSeparableConv (expansion 1) or InvertedResidual (expand, depthwise, project), each
+    convolution followed by its batch norm under timm's names; a residual where the shape is kept."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn2(self.conv_pw(self.bn1(self.conv_dw(x))))
-        return x + y if self.skip else y
-
-
-class _InvertedResidual(nn.Module):
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, expansion: int):
         super().__init__()
         mid = c_in * expansion
-        self.conv_pw = _ConvSame(c_in, mid, 1)
-        self.bn1 = _BatchNormAct(mid, act=True)
-        self.conv_dw = _ConvSame(mid, mid, kernel, stride, groups=mid)
-        self.bn2 = _BatchNormAct(mid, act=True)
-        self.conv_pwl = _ConvSame(mid, c_out, 1)
-        self.bn3 = _BatchNormAct(c_out, act=False)
+        depthwise = [_ConvSame(mid, mid, kernel, stride, groups=mid), _BatchNormAct(mid, act=True)]
+        if expansion == 1:
+            layers = {"conv_dw": depthwise[0], "bn1": depthwise[1],
+                      "conv_pw": _ConvSame(mid, c_out, 1), "bn2": _BatchNormAct(c_out, act=False)}
+        else:
+            layers = {"conv_pw": _ConvSame(c_in, mid, 1), "bn1": _BatchNormAct(mid, act=True),
+                      "conv_dw": depthwise[0], "bn2": depthwise[1],
+                      "conv_pwl": _ConvSame(mid, c_out, 1), "bn3": _BatchNormAct(c_out, act=False)}
+        for name, layer in layers.items():
+            self.add_module(name, layer)
         self.skip = stride == 1 and c_in == c_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))
-        y = self.bn3(self.conv_pwl(y))
+        y = x
+        for layer in self.children():
+            y = layer(y)
         return x + y if self.skip else y
 
 
-def _stage(kind: str, repeats: int, kernel: int, stride: int, expansion: int, c_in: int, c_out: int) -> nn.Sequential:
-    blocks = []
-    for i in range(repeats):
-        first_in, first_stride = (c_in, stride) if i == 0 else (c_out, 1)
-        blocks.append(_DepthwiseSeparable(first_in, c_out, kernel, first_stride) if kind == "ds"
-                      else _InvertedResidual(first_in, c_out, kernel, first_stride, expansion))
-    return nn.Sequential(*blocks)
+def _stage(repeats: int, kernel: int, stride: int, expansion: int, c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(*(_Block(c_in if i == 0 else c_out, c_out, kernel, stride if i == 0 else 1, expansion)
+                           for i in range(repeats)))
 
 
 class EfficientNetLite0(nn.Module):
@@ -103,8 +93,8 @@ class EfficientNetLite0(nn.Module):
         self.conv_stem = _ConvSame(3, 32, 3, 2)
         self.bn1 = _BatchNormAct(32, act=True)
         stages, c_in = [], 32
-        for kind, repeats, kernel, stride, expansion, c_out in _STAGES:
-            stages.append(_stage(kind, repeats, kernel, stride, expansion, c_in, c_out))
+        for repeats, kernel, stride, expansion, c_out in _STAGES:
+            stages.append(_stage(repeats, kernel, stride, expansion, c_in, c_out))
             c_in = c_out
         self.blocks = nn.Sequential(*stages)
         self.conv_head = _ConvSame(c_in, self.num_features, 1)
