@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from m3bind import M3BindModel, TextTowerConfig, load_model
-from m3bind.config import EcgTowerConfig, ImageTowerConfig, tower_config_from_dict
+from m3bind.config import DetectorConfig, EcgTowerConfig, ImageTowerConfig, tower_config_from_dict
 from m3bind.errors import ConfigError
 
 from . import distributed
@@ -288,8 +288,10 @@ def model_card(cfg: PipelineConfig, timings: dict[str, float], evaluation: str =
     detector_text = (f"- Modality detector of plain image files: a linear classifier over the frozen ImageNet "
                      f"EfficientNet-Lite0's pooled features at {cfg.detector.image_size} px (colour), fitted on up to "
                      f"{cfg.detector.max_per_dataset} training images per dataset; below "
-                     f"{cfg.detector.min_confidence:.0%} confidence the app asks the user to pick. DICOM files keep "
-                     "the modality of their header.\n" if cfg.detector else "")
+                     f"{cfg.detector.min_confidence:.0%} confidence the app asks the user to pick. An image whose "
+                     f"pixels are largely coloured ({DetectorConfig.colour_share:.0%} or more) gets no grey "
+                     "modality (X-ray, CT, MRI, ultrasound). DICOM files keep the modality of their header.\n"
+                     if cfg.detector else "")
     return f"""# {cfg.name}
 
 An M3Bind model trained by `python -m train.pipeline` (config `{cfg.name}`): one tower per modality and one
