@@ -283,7 +283,11 @@ def model_card(cfg: PipelineConfig, timings: dict[str, float], evaluation: str =
                   "the shared normal/abnormal ones" + (
                       f", and {cfg.joint.report_captions:.0%} of the others, for chest X-rays, a real IU X-ray report "
                       "(history, findings, impression) of another study with the same status, so that report-like "
-                      "text lands among its items" if cfg.joint.report_captions else "") + ".\n"
+                      "text lands among its items" if cfg.joint.report_captions else "") + (
+                      f"; {cfg.joint.note_captions:.0%} of the other chest X-ray and CT captions are the clinical note of "
+                      "a COVID-19 training patient (covid-chestxray), so that a clinician's free-text note of an "
+                      "abnormal chest case lands among abnormal chest images" if cfg.joint.note_captions else "")
+                  + ".\n"
                   if cfg.joint.steps else "")
     detector_text = (f"- Modality detector of plain image files: a linear classifier over the frozen ImageNet "
                      f"EfficientNet-Lite0's pooled features at {cfg.detector.image_size} px (colour), fitted on up to "

@@ -59,16 +59,20 @@ class ModalityData:
     lower: torch.Tensor | None = None
     # real reports of whole studies of this modality, by normal status (``captions.status_reports``)
     reports: dict[bool, tuple[str, ...]] = field(default_factory=dict)
+    # the free text of the datasets' own patients of this split (``Pair.report``: e.g. the clinical notes of
+    # COVID-19 patients), by the status of the patient's image, whichever modality that image was
+    notes: dict[bool, tuple[str, ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def batches(self, batch_size: int, rng: np.random.Generator, status_rate: float = 0.0,
-                class_balance: float = 0.0, report_rate: float = 0.0) -> Iterator[Batch]:
+                class_balance: float = 0.0, report_rate: float = 0.0, note_rate: float = 0.0) -> Iterator[Batch]:
         """Endless shuffled batches with one randomly drawn caption per item; with probability
-        ``status_rate`` an item's caption is instead a ``STATUS_CAPTIONS`` one (keyed by the status), and
-        otherwise with probability ``report_rate`` a real report of a study of the item's status (keyed by the
-        item's class: a report of another patient with that finding is true of it).
+        ``status_rate`` an item's caption is instead a ``STATUS_CAPTIONS`` one (keyed by the status), otherwise
+        with probability ``note_rate`` a patient's note of the item's status, and otherwise with probability
+        ``report_rate`` a real report of a study of the item's status (both keyed by the item's class: a report
+        of another patient with that finding is true of it).
 
         ``class_balance`` > 0 draws each batch with item weights (its class's item count) ** -class_balance
         instead of passing through epochs: a macro AUC counts a rare class (a retina grade) as much as a common one."""
@@ -90,6 +94,8 @@ class ModalityData:
                 for i, key, tag in zip(idx, keys, tags):
                     if self.normal[i] is not None and rng.random() < status_rate:
                         options, key = STATUS_CAPTIONS[self.normal[i]], tag
+                    elif note_rate and self.notes.get(self.normal[i]) and rng.random() < note_rate:
+                        options = self.notes[self.normal[i]]
                     elif report_rate and self.reports.get(self.normal[i]) and rng.random() < report_rate:
                         options = self.reports[self.normal[i]]
                     else:
@@ -114,10 +120,15 @@ def load_modality_data(model: M3BindModel, modality: str, datasets: Sequence[str
     """``pair_modalities`` lets one tower learn from several modalities' pairs (e.g. X-ray and CT)."""
     accepted = set(pair_modalities or [modality])
     inputs, captions, keys, normal = [], [], [], []
+    notes: dict[bool, list[str]] = {True: [], False: []}
     for name in datasets:
         ds = load_dataset(name, split, data_root=data_root, seed=seed)
         normal_classes = {i for i, c in enumerate(ds.concepts) if c.normal}
         names = ds.class_names
+        for pair in ds.pairs:
+            classes = set(pair.targets or (pair.label,)) - {-1}
+            if pair.report and classes:
+                notes[classes <= normal_classes].append(pair.report)
         pairs = [p for p in ds.pairs if p.modality in accepted]
         if max_items is not None and len(pairs) > max_items:
             keep = np.random.default_rng(seed).choice(len(pairs), max_items, replace=False)
@@ -134,7 +145,8 @@ def load_modality_data(model: M3BindModel, modality: str, datasets: Sequence[str
     if not inputs:
         raise ValueError(f"No {split} pairs of modality {modality!r} in {list(datasets)}.")
     return ModalityData(modality, torch.stack(inputs), captions, keys, normal,
-                        reports=status_reports(modality, data_root))
+                        reports=status_reports(modality, data_root),
+                        notes={status: tuple(dict.fromkeys(texts)) for status, texts in notes.items()})
 
 
 FLIP_DIMS = {"horizontal": -1, "vertical": -2}
@@ -385,6 +397,7 @@ class StageConfig:
     shared_batch: int = 64  # stage 1: shared texts per step
     status_captions: float = 0.0  # share of captions replaced by a modality-independent normal/abnormal one
     report_captions: float = 0.0  # stage 3: share of the other captions replaced by a real report (same status)
+    note_captions: float = 0.0  # stage 3: share of captions replaced by a training patient's clinical note
     relational_weight: float = 0.0  # stage 2: weight of relational_distillation (needs the teachers' images)
     class_weight: float = 0.0  # stages 1, 2: keep each teacher's choice among its datasets' classes (zero-shot)
     flips: tuple[str, ...] = ()  # image flips (keys of FLIP_DIMS) that keep this modality's labels true
@@ -704,7 +717,7 @@ def joint(model: M3BindModel, data: dict[str, ModalityData], cfg: StageConfig, s
     seed = distributed.rank_seed(seed)
     rng = np.random.default_rng(seed)
     batches = {m: d.batches(min(cfg.batch_size, len(d)), rng, cfg.status_captions,
-                            report_rate=cfg.report_captions) for m, d in data.items()}
+                            report_rate=cfg.report_captions, note_rate=cfg.note_captions) for m, d in data.items()}
     log_scale = nn.Parameter(torch.tensor(math.log(model.config.logit_scale), device=model.device))
     optimizer = torch.optim.AdamW([{"params": tower_params, "lr": cfg.tower_lr},
                                    {"params": list(model.text.proj.parameters()) + [log_scale]}],
