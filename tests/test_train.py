@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 import m3bind
 from train.captions import STATUS_CAPTIONS, status_reports
+from train.data import load_dataset
 from train.losses import (
     class_aware_contrastive, distillation, match_matrix, pairwise_alignment, relational_distillation, same_class_targets,
 )
@@ -115,6 +117,30 @@ def test_report_captions_replace_other_captions_with_a_report_of_the_items_statu
     plain = data.batches(6, np.random.default_rng(0), status_rate=0.2)  # report_rate 0: no report, same draws
     status_only = data.batches(6, np.random.default_rng(0), status_rate=0.2, report_rate=0.0)
     assert all(next(plain).texts == next(status_only).texts for _ in range(5))
+
+
+def test_note_captions_draw_from_their_own_pool_before_the_reports():
+    """A small share of clinical notes, apart from the report pool (mixed into it, the notes took its whole share)."""
+    reports = {True: ("Lungs are clear.",), False: ("Left lower lobe consolidation.",)}
+    notes = {True: (), False: ("65-year-old man with fever and cough; bilateral ground-glass opacities on CT.",)}
+    data = ModalityData("ct", torch.zeros(6, 3, 4, 4), [("COVID-19.",)] * 4 + [("Normal.",)] * 2,
+                        [("c", 1)] * 4 + [("c", 0)] * 2, [False] * 4 + [True] * 2, reports=reports, notes=notes)
+    batches = data.batches(6, np.random.default_rng(0), note_rate=0.3, report_rate=0.5)
+    drawn = Counter(t for _ in range(50) for t in next(batches).texts)
+    assert 40 < drawn[notes[False][0]] < 100  # about 0.3 of the 200 abnormal items, none of the normal ones
+    assert 40 < drawn[reports[False][0]] < 120 and drawn[reports[True][0]] > 20
+    plain = data.batches(6, np.random.default_rng(0), report_rate=0.5)  # note_rate 0: never a note
+    assert not any(notes[False][0] in next(plain).texts for _ in range(50))
+
+
+def test_the_training_patients_notes_are_collected_by_status(shared_data):
+    model = m3bind.M3BindModel(m3bind.ModelConfig(
+        name="notes", dim=8, text=m3bind.TextTowerConfig(max_length=16),
+        towers={"ct": m3bind.ImageTowerConfig(source=None, image_size=16, vision_cfg={"cnn_widths": [4]})},
+        modality_towers={"ct": "ct"}))
+    data = load_modality_data(model, "ct", ["covid_cxr"], "train", str(shared_data))
+    test = {p.report for p in load_dataset("covid_cxr", "test", data_root=shared_data).pairs if p.report}
+    assert len(data.notes[False]) > 10 and not set(data.notes[False]) & test  # other patients' notes only
 
 
 def test_status_reports_pair_normal_and_parenchymal_iu_reports(shared_data):
