@@ -69,6 +69,11 @@ class Pair:
     source: str = ""  # the file the sample is read from, or the array entry it comes from
     report: str = ""  # the item's own free text (clinical notes, an ECG report), where the data has one
 
+    @property
+    def classes(self) -> set[int]:
+        """Every positive class index (none for a multi-label record without one)."""
+        return set(self.targets or (self.label,)) - {-1}
+
 
 class PairDataset:
     """A map-style dataset of ``(Sample, caption, label)``, usable by ``torch.utils.data.DataLoader``.

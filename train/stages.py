@@ -126,9 +126,8 @@ def load_modality_data(model: M3BindModel, modality: str, datasets: Sequence[str
         normal_classes = {i for i, c in enumerate(ds.concepts) if c.normal}
         names = ds.class_names
         for pair in ds.pairs:
-            classes = set(pair.targets or (pair.label,)) - {-1}
-            if pair.report and classes:
-                notes[classes <= normal_classes].append(pair.report)
+            if pair.report and pair.classes:
+                notes[pair.classes <= normal_classes].append(pair.report)
         pairs = [p for p in ds.pairs if p.modality in accepted]
         if max_items is not None and len(pairs) > max_items:
             keep = np.random.default_rng(seed).choice(len(pairs), max_items, replace=False)
@@ -138,7 +137,7 @@ def load_modality_data(model: M3BindModel, modality: str, datasets: Sequence[str
             sample.modality = modality  # read by this tower, whichever accepted modality it came from
             inputs.append(model.preprocess(sample).half())
             captions.append(pair.texts)
-            classes = set(pair.targets or (pair.label,)) - {-1}
+            classes = pair.classes
             # items of one modality that share their classes' names are positives, whichever dataset they are from
             keys.append((modality, tuple(names[t] for t in sorted(classes))))
             normal.append(classes <= normal_classes if classes else None)
