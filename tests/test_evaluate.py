@@ -305,3 +305,34 @@ def test_cli_writes_json_and_prints_the_table(tiny_model, tiny_teachers, shared_
     assert "zero_shot" not in results["bound"]
     printed = capsys.readouterr().out
     assert "### Cross-modal" in printed and "| **mean** |" in printed and "Zero-shot" not in printed
+
+
+def test_class_prompt_retrieval_counts_a_class_from_any_dataset_of_its_modality():
+    """Two sets of one modality share their prompts: a prompt's nearest item of its class from the other set
+    is a hit overall, and a miss in the ``same_dataset`` figure, which counts only the prompt's own set."""
+    from train.data import Pair
+    from train.eval_sets import Embedder, EvalSet
+
+    names = ["normal", "disease"]
+    prompts = {name: [f"a scan showing {name}"] for name in names}
+    directions = np.eye(4, dtype=np.float32)
+    embed = Embedder(model=None)
+    embed.text_cache = {f"a scan showing {name}": directions[c] for c, name in enumerate(names)}
+
+    def eval_set(dataset: str, offset: float) -> EvalSet:
+        pairs = []
+        for c in (0, 1):
+            for i in range(3):
+                item_id = f"{dataset}-{c}-{i}"
+                v = directions[c] + offset * directions[2 + i % 2]  # the closer set sits nearer the prompts
+                embed.cache[item_id] = v / np.linalg.norm(v)
+                pairs.append(Pair(item_id, "test", "xray", c, names[c], (), load=None, targets=(c,)))
+        return EvalSet(dataset, "xray", "test", False, names, prompts, pairs)
+
+    near, far = eval_set("near", 0.1), eval_set("far", 2.0)
+    r = suites.retrieval(embed, [near, far], (1, 3))
+    assert r["n_queries"] == 2 and r["R@1"] == r["R@3"] == 1.0
+    assert r["same_dataset"]["n_queries"] == 4  # each prompt once per set holding its class
+    assert r["per_set"]["near/xray"]["R@1"] == 1.0
+    assert r["per_set"]["far/xray"]["R@1"] == r["per_set"]["far/xray"]["R@3"] == 0.0
+    assert r["same_dataset"]["R@1"] == 0.5

@@ -134,7 +134,8 @@ class Embedder:
 
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         missing = list(dict.fromkeys(t for t in texts if t not in self.text_cache))
-        self.text_cache.update(zip(missing, self.model.embed_text(missing)))
+        if missing:
+            self.text_cache.update(zip(missing, self.model.embed_text(missing)))
         return np.stack([self.text_cache[t] for t in texts]) if texts else np.zeros((0, self.model.dim), np.float32)
 
     def __call__(self, pairs: Sequence[Pair]) -> np.ndarray:

@@ -65,12 +65,16 @@ def _retrieval_lines(bound: dict, counterparts: dict) -> list[str]:
         return []
     cols = _columns(counterparts)
     ks = bound["config"]["recall_at"]
-    lines = ["", "### Text-to-image retrieval (Recall@K, label-level relevance, mean over prompt queries)", "",
+    lines = ["", "### Text-to-image retrieval (Recall@K, mean over class prompt queries; relevant: an item of the "
+                 "prompt's modality and class, from any dataset)", "",
              _row(["library", "queries", *[f"R@{k} {c}" for k in ks for c in cols]]),
              _row(["---"] * (2 + len(ks) * len(cols)))]
-    r = bound["retrieval"]["all"]  # counterparts encode one modality each: no library of all modalities
-    lines.append(_row(["all modalities", r.get("n_queries"),
-                       *[v for k in ks for v in [_fmt(r.get(f"R@{k}"))] + ["–"] * (len(cols) - 1)]]))
+    everything = bound["retrieval"]["all"]  # counterparts encode one modality each: no library of all modalities
+    for name, r in (("all modalities", everything),
+                    ("all modalities, only the prompt's own dataset relevant", everything.get("same_dataset"))):
+        if r:
+            lines.append(_row([name, r.get("n_queries"),
+                               *[v for k in ks for v in [_fmt(r.get(f"R@{k}"))] + ["–"] * (len(cols) - 1)]]))
     for m, r in bound["retrieval"].get("per_modality", {}).items():
         runs = _beside(r, counterparts, m, "retrieval", "per_modality", m)
         lines.append(_row([m, r.get("n_queries"), *[_fmt((run or {}).get(f"R@{k}")) for k in ks for run in runs]]))

@@ -8,10 +8,11 @@
   * ``few_shot``: k labelled items per class drawn from the TRAIN split (never test), nested across k
     for one seed, as class prototypes and as a logistic-regression probe; mean and std over seeds.
   * ``retrieval``: text-to-image. A library of every dataset's test items (balanced subsample, seeded),
-    one query per class prompt; a retrieved item is relevant when it belongs to the query's dataset
-    and modality and carries the query's class. Recall@K = share of queries with a relevant item in
-    the top K; queries with no relevant item, or with every item relevant, are not counted. Reported
-    over the library of all modalities and over each modality's own library.
+    one query per prompt of each (modality, class); a retrieved item is relevant when it is of the
+    query's modality and carries the query's class, whichever dataset it comes from (as in the search
+    suite). Recall@K = share of queries with a relevant item in the top K; queries with no relevant
+    item, or with every item relevant, are not counted. Reported over the library of all modalities and
+    over each modality's own library, and per dataset with only that dataset's items relevant.
   * ``cross_modal``: image-to-image across modalities on a normal/abnormal notion (``NORMAL_CLASS``):
     for each query of modality A, all items of B ranked by cosine; per-query AUC of "same status as the
     query" and precision@10 with its chance level (the base rate), averaged over queries balanced
@@ -138,25 +139,33 @@ def _few_shot_scores(method: str, embed: Embedder, train: EvalSet, support: dict
 
 
 def retrieval(embed: Embedder, library: Sequence[EvalSet], ks: Sequence[int]) -> dict:
-    """Text-to-image Recall@K over the library of the given sets, overall and per dataset of the queries."""
+    """Text-to-image Recall@K over the library of the given sets (see the module docstring).
+
+    One query per prompt of each (modality, class): sets of one modality share their prompts, so the same
+    words must find an item of that class from any of them. ``same_dataset`` scores the same queries once
+    per set, counting only that set's items (a dataset's own prompt against a neighbour's look-alike items)."""
     lib_emb = embed([p for s in library for p in s.pairs])
     owner = np.concatenate([[i] * len(s.pairs) for i, s in enumerate(library)]).astype(int) if library else \
         np.zeros(0, int)
-    queries, relevant, source = [], [], []
-    for i, s in enumerate(library):
-        targets = s.targets
-        for c, group in enumerate(s.prompts.values()):
-            row = np.zeros(len(owner), dtype=bool)
-            row[owner == i] = targets[:, c]
-            queries += list(group)
-            relevant += [row] * len(group)
-            source += [i] * len(group)
-    if not queries:
+    targets = [s.targets for s in library]
+    per_query: dict[tuple[str, str], list[str]] = {}
+    for s in library:
+        for name, group in s.prompts.items():
+            per_query.setdefault((s.modality, name), list(group))
+    if not per_query:
         return {"n_queries": 0}
-    q = embed.texts(queries)
-    relevant, source = np.array(relevant), np.array(source)
-    out = retrieval_metrics(q, lib_emb, relevant, ks)
-    out["per_set"] = {s.key: retrieval_metrics(q[source == i], lib_emb, relevant[source == i], ks)
+    keys = [key for key, group in per_query.items() for _ in group]
+    q = embed.texts([text for group in per_query.values() for text in group])
+    strict = np.zeros((len(library), len(keys), len(owner)), dtype=bool)
+    for i, s in enumerate(library):
+        for j, (modality, name) in enumerate(keys):
+            if modality == s.modality and name in s.class_names:
+                strict[i, j, owner == i] = targets[i][:, s.class_names.index(name)]
+    own = [np.array([m == s.modality and name in s.class_names for m, name in keys]) for s in library]
+    out = retrieval_metrics(q, lib_emb, strict.any(0), ks)
+    out["same_dataset"] = retrieval_metrics(np.concatenate([q[o] for o in own]), lib_emb,
+                                            np.concatenate([strict[i][o] for i, o in enumerate(own)]), ks)
+    out["per_set"] = {s.key: retrieval_metrics(q[own[i]], lib_emb, strict[i][own[i]], ks)
                       for i, s in enumerate(library)}
     return out
 
