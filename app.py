@@ -34,6 +34,11 @@ MAX_UPLOAD = "100mb"
 # Worker threads of the server. Every thread that runs the model keeps its own scratch buffers, so
 # Gradio's default of 40 let memory creep past 2 GiB; the queue runs only a few actions at a time anyway.
 MAX_THREADS = 8
+# Sessions whose state the server keeps. Gradio keeps a copy of every component's settings per session
+# (about 200 KiB here) up to 10,000 sessions, and each API call without a session hash opens a new one:
+# memory would climb by up to 2 GiB. The least recently used session goes first (its page's remembered
+# values, such as the last search's results, start over).
+SESSIONS = 256
 # Galleries grow with their results (no inner scroll hiding the rows after the second), captions sit under
 # their picture, whole; toasts appear at the bottom, clear of the status line.
 CSS = """
@@ -103,8 +108,8 @@ def launch_options(workspace: Workspace) -> dict[str, Any]:
     """Where and how to serve: localhost unless told otherwise (a Space listens on all interfaces)."""
     host = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     return dict(server_name=host, server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-                max_threads=MAX_THREADS, max_file_size=MAX_UPLOAD, allowed_paths=[str(workspace.examples_dir)],
-                show_error=False,
+                max_threads=MAX_THREADS, state_session_capacity=SESSIONS, max_file_size=MAX_UPLOAD,
+                allowed_paths=[str(workspace.examples_dir)], show_error=False,
                 footer_links=["api"], css=CSS,
                 theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],  # no web-font requests
                                      font_mono=["ui-monospace", "monospace"]))

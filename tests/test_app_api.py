@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import re
 import socket
 import time
@@ -460,6 +459,19 @@ def test_one_app_wide_concurrency_limit(served, monkeypatch):
             app.concurrency()
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "M3BIND_CONCURRENCY" in readme.split("## The app", 1)[1].split("\n## ", 1)[0]
+
+
+def test_calls_without_a_session_do_not_pile_up_in_memory(served):
+    """Each API call without a session hash opens a session, and the server keeps a copy of the page's
+    settings per session: at most ``app.SESSIONS`` of them stay, the least recently used going first."""
+    import app
+
+    demo, url = served
+    with httpx.Client(timeout=60) as http:
+        for _ in range(app.SESSIONS + 8):
+            event = http.post(f"{url}gradio_api/call/library_stats", json={"data": []}).json()["event_id"]
+            assert "event: complete" in http.get(f"{url}gradio_api/call/library_stats/{event}").text
+    assert len(demo.state_holder.session_data) == app.SESSIONS
 
 
 def test_explain_shows_the_words_and_the_regions_behind_the_top_finding(client):
