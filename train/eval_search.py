@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from .eval_sets import item_labels
+
 if TYPE_CHECKING:
     from .eval_sets import Embedder, EvalSet
 
@@ -70,8 +72,7 @@ def search_suite(embed: "Embedder", library: Sequence["EvalSet"],
                  queries: Sequence[tuple[str, str, tuple[str, ...]]] = SEARCH_QUERIES) -> dict:
     """Free-text queries and clinical notes over the mixed library (see the module docstring)."""
     pairs = [p for s in library for p in s.pairs]
-    modality = np.array([s.modality for s in library for _ in s.pairs])
-    classes = [{s.class_names[t] for t in p.targets if t >= 0} for s in library for p in s.pairs]
+    modality, classes = item_labels(library)
     items = embed(pairs)
     centroids = {m: items[modality == m].mean(0) for m in dict.fromkeys(modality)}
     names = list(centroids)

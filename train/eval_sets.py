@@ -83,6 +83,12 @@ def load_eval_set(dataset: str, modality: str, split: str, data_root: str | Path
                    [p for p in ds.pairs if p.modality == modality], tuple(c.name for c in ds.concepts if c.normal))
 
 
+def item_labels(library: Sequence[EvalSet]) -> tuple[np.ndarray, list[set[str]]]:
+    """Per item of the sets, in order: its modality and the names of its classes (what relevance is read from)."""
+    modality = np.array([s.modality for s in library for _ in s.pairs])
+    return modality, [{s.class_names[t] for t in p.targets if t >= 0} for s in library for p in s.pairs]
+
+
 def balanced_subset(labels: Sequence[int], limit: int | None, seed: int) -> np.ndarray:
     """Sorted indices of at most ``limit`` items, classes as balanced as their sizes allow, seeded."""
     labels = np.asarray(labels)

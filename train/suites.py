@@ -36,6 +36,7 @@ from m3bind.fewshot import LogisticProbe, PrototypeClassifier
 
 from .eval_sets import (
     BINARY_VIEWS, CORE_CROSS_MODAL, NORMAL_CLASS, Embedder, EvalSet, abnormal_status, check_disjoint, draw_support,
+    item_labels,
 )
 from .metrics import (
     auc, bootstrap_interval, bootstrap_pair_mean, classification_metrics, cross_modal_metrics, mean_std,
@@ -145,9 +146,9 @@ def retrieval(embed: Embedder, library: Sequence[EvalSet], ks: Sequence[int]) ->
     words must find an item of that class from any of them. ``same_dataset`` scores the same queries once
     per set, counting only that set's items (a dataset's own prompt against a neighbour's look-alike items)."""
     lib_emb = embed([p for s in library for p in s.pairs])
+    modality, classes = item_labels(library)
     owner = np.concatenate([[i] * len(s.pairs) for i, s in enumerate(library)]).astype(int) if library else \
         np.zeros(0, int)
-    targets = [s.targets for s in library]
     per_query: dict[tuple[str, str], list[str]] = {}
     for s in library:
         for name, group in s.prompts.items():
@@ -156,16 +157,13 @@ def retrieval(embed: Embedder, library: Sequence[EvalSet], ks: Sequence[int]) ->
         return {"n_queries": 0}
     keys = [key for key, group in per_query.items() for _ in group]
     q = embed.texts([text for group in per_query.values() for text in group])
-    strict = np.zeros((len(library), len(keys), len(owner)), dtype=bool)
-    for i, s in enumerate(library):
-        for j, (modality, name) in enumerate(keys):
-            if modality == s.modality and name in s.class_names:
-                strict[i, j, owner == i] = targets[i][:, s.class_names.index(name)]
+    relevant = np.array([[m == item_m and name in item_classes for item_m, item_classes in zip(modality, classes)]
+                         for m, name in keys], dtype=bool).reshape(len(keys), len(owner))
     own = [np.array([m == s.modality and name in s.class_names for m, name in keys]) for s in library]
-    out = retrieval_metrics(q, lib_emb, strict.any(0), ks)
+    out = retrieval_metrics(q, lib_emb, relevant, ks)
     out["same_dataset"] = retrieval_metrics(np.concatenate([q[o] for o in own]), lib_emb,
-                                            np.concatenate([strict[i][o] for i, o in enumerate(own)]), ks)
-    out["per_set"] = {s.key: retrieval_metrics(q[own[i]], lib_emb, strict[i][own[i]], ks)
+                                            np.concatenate([relevant[o] & (owner == i) for i, o in enumerate(own)]), ks)
+    out["per_set"] = {s.key: retrieval_metrics(q[own[i]], lib_emb, relevant[own[i]] & (owner == i), ks)
                       for i, s in enumerate(library)}
     return out
 
